@@ -1,0 +1,74 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The conversion pipeline: source (raw file, block device or qcow2 image) -> N compression
+// workers -> qcow2 image. What `zqcow convert` runs.
+
+#ifndef ZQCOW_CONVERT_H_
+#define ZQCOW_CONVERT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "zqcow/image.h"
+#include "zqcow/status.h"
+
+namespace zqcow {
+
+namespace io {
+class File;
+}
+
+struct ConvertProgress {
+  uint64_t bytes_done = 0;   // guest bytes handled (read, skipped as zero or hole)
+  uint64_t bytes_total = 0;  // source virtual size
+  double elapsed_seconds = 0;
+};
+
+struct ConvertStats {
+  uint64_t virtual_size = 0;
+  uint64_t bytes_read = 0;            // bytes read from the source
+  uint64_t zero_bytes_skipped = 0;    // holes, unallocated/zero ranges, all-zero clusters
+  uint64_t compressed_bytes = 0;      // total size of the compressed streams written
+  uint64_t clusters_compressed = 0;
+  uint64_t clusters_uncompressed = 0; // did not compress below one cluster, stored as is
+  uint64_t clusters_zero = 0;         // left unallocated
+  uint64_t output_file_size = 0;
+  double wall_seconds = 0;
+  double cpu_seconds = 0;             // user + system of the whole process
+  double throughput_mib_s = 0;        // virtual size / wall time
+  uint64_t peak_rss_bytes = 0;
+};
+
+struct ConvertOptions {
+  std::string source_format;  // "raw", "qcow2", or "" to detect (qcow2 magic, else raw)
+  bool compress = true;       // -c; without it clusters are stored uncompressed
+  Compression compression = Compression::kZlib;
+  int compression_level = -1;  // -1: the codec's default
+  uint32_t cluster_size = 65536;
+  uint32_t refcount_bits = 16;
+  bool source_direct_io = false;  // -T none
+  IoOptions target_io;            // -t none => target_io.direct_io
+  unsigned workers = 0;           // -m; 0 = one per online core
+  bool out_of_order = true;       // -W; false = clusters reach the image in guest order
+  bool overwrite = false;         // replace an existing target
+  // Called from the pipeline's coordinating thread every ~100 ms and at the end.
+  std::function<void(const ConvertProgress&)> progress;
+  // When set and true, the conversion stops soon, leaves the target flushed (consistent)
+  // but marked incomplete (dirty bit), and returns kInterrupted.
+  const std::atomic<bool>* cancel = nullptr;
+  // Test hook: wraps the target's File (e.g. in a fault injector) before the image uses it.
+  std::function<std::unique_ptr<io::File>(std::unique_ptr<io::File>)> wrap_target_file;
+};
+
+// Converts `source` into a new qcow2 image at `target`. On failure the target is left
+// either consistent-but-incomplete (dirty bit set) or removed when nothing useful was
+// written; it is never left looking complete.
+Result<ConvertStats> Convert(const std::string& source, const std::string& target,
+                             const ConvertOptions& options);
+
+}  // namespace zqcow
+
+#endif  // ZQCOW_CONVERT_H_

@@ -1,0 +1,139 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// A qcow2 image (version 3; version 2 readable and writable as is). Create, open, read any
+// guest range, write normal or pre-compressed clusters, discard, flush, close.
+//
+// Threading: every method may be called from several threads at once; metadata updates are
+// serialised inside, data I/O runs in parallel. WriteCompressed is built for many workers
+// that compress on their own threads and hand in finished clusters in any order.
+//
+// Consistency: while an image is open for writing its header carries the dirty bit
+// (incompatible feature bit 0). Flush() writes data, syncs, then refcount blocks, syncs,
+// then L2 tables and L1, syncs; so the image on disk never references data that is not
+// there, and refcounts on disk are never lower than the references (crash = leaks only).
+// Close() flushes and clears the dirty bit as its last, synced write. An image whose dirty
+// bit is set was not closed cleanly ("incomplete"): Info() and Check() say so.
+
+#ifndef ZQCOW_IMAGE_H_
+#define ZQCOW_IMAGE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "zqcow/status.h"
+
+namespace zqcow {
+
+enum class Compression : uint8_t { kZlib = 0, kZstd = 1 };  // = header byte 104
+
+struct CreateOptions {
+  uint64_t virtual_size = 0;            // bytes; need not be a multiple of cluster_size
+  uint32_t cluster_size = 65536;        // power of two, 512 .. 2 MiB
+  Compression compression = Compression::kZlib;
+  uint32_t refcount_bits = 16;          // power of two, 1 .. 64
+  bool overwrite = false;               // replace an existing file (else kAlreadyExists)
+};
+
+struct IoOptions {
+  bool direct_io = false;               // O_DIRECT on the image file
+  bool use_io_uring = true;             // when the kernel allows it
+  // Compressed write cache (see src/qcow2/compressed_write_cache.h). kAuto = on for
+  // O_DIRECT files, off for buffered ones.
+  enum class WriteCache : uint8_t { kAuto, kOn, kOff } write_cache = WriteCache::kAuto;
+  size_t write_cache_bytes = 64ull * 65536;  // rounded to whole clusters (at least 1)
+  bool drop_page_cache = false;         // buffered + fadvise(DONTNEED) after each cluster
+  size_t metadata_cache_bytes = 8u << 20;  // L2 tables + refcount blocks held in memory
+};
+
+struct OpenOptions {
+  bool writable = false;
+  IoOptions io;
+};
+
+// What a guest range is, as qemu-img map would say.
+struct MapExtent {
+  uint64_t guest_offset = 0;
+  uint64_t length = 0;
+  enum class Kind : uint8_t { kUnallocated, kZero, kData, kCompressed } kind = Kind::kUnallocated;
+  uint64_t host_offset = 0;  // kData: host offset of guest_offset; kCompressed: descriptor's
+};
+
+struct ImageInfo {
+  std::string path;
+  uint32_t version = 3;
+  uint64_t virtual_size = 0;
+  uint32_t cluster_size = 0;
+  uint32_t refcount_bits = 0;
+  Compression compression = Compression::kZlib;
+  uint64_t file_size = 0;
+  bool dirty = false;        // not closed cleanly: an interrupted write, "incomplete"
+  bool corrupt = false;      // the corrupt bit (incompatible feature bit 1) is set
+  std::string backing_file;  // empty when none
+};
+
+struct CheckResult {
+  uint64_t corruptions = 0;  // refcount lower than references, overlaps, out-of-file
+  uint64_t leaks = 0;        // clusters with a refcount that nothing references
+  uint64_t allocated_clusters = 0;
+  uint64_t compressed_clusters = 0;
+  uint64_t image_end_offset = 0;
+  bool incomplete = false;   // the dirty bit: the last writer did not close the image
+  std::vector<std::string> messages;  // one line each, like qemu-img check's
+};
+
+class Image {
+ public:
+  static Result<std::unique_ptr<Image>> Create(const std::string& path,
+                                               const CreateOptions& options,
+                                               const IoOptions& io = IoOptions());
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options);
+
+  // Destroying an open image closes it; errors are lost then, so call Close().
+  virtual ~Image() = default;
+
+  virtual ImageInfo Info() const = 0;
+  virtual uint64_t virtual_size() const = 0;
+  virtual uint32_t cluster_size() const = 0;
+  virtual Compression compression() const = 0;
+
+  // Any guest range inside the virtual size.
+  virtual Status Read(uint64_t guest_offset, std::span<uint8_t> out) = 0;
+  // Any guest range; partial clusters are read-modify-written. Allocates normal clusters.
+  virtual Status Write(uint64_t guest_offset, std::span<const uint8_t> data) = 0;
+  // Stores one guest cluster (guest_offset cluster-aligned) from its compressed bytes
+  // (a stream of the image's compression type, shorter than one cluster). The cluster's old
+  // content, if any, is released. Many threads may call this at once.
+  virtual Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) = 0;
+  // Makes the range read as zeros: whole clusters become zero clusters (v3) or unallocated
+  // (v2), their host clusters are released; partial clusters are written with zeros.
+  virtual Status WriteZeroes(uint64_t guest_offset, uint64_t length) = 0;
+  // Releases whole clusters in the range (they then read as zeros in v3, as unallocated in
+  // v2 with no backing file).
+  virtual Status Discard(uint64_t guest_offset, uint64_t length) = 0;
+
+  // Extents covering [guest_offset, guest_offset + length), adjacent equal kinds merged.
+  virtual Result<std::vector<MapExtent>> Map(uint64_t guest_offset, uint64_t length) = 0;
+
+  virtual Status Flush() = 0;
+  // Flushes, clears the dirty bit, syncs and closes the file. Idempotent.
+  virtual Status Close() = 0;
+  // Flushes (so the image on disk is consistent) and closes, but leaves the dirty bit set:
+  // the image is marked incomplete. For interrupted conversions.
+  virtual Status CloseIncomplete() = 0;
+};
+
+// Reads the header (and nothing else worth mentioning) of an image. Fails on malformed
+// headers with a clear error.
+Result<ImageInfo> ReadImageInfo(const std::string& path);
+
+// Checks an image file the way `qemu-img check` does, by reading its metadata from disk.
+// Returns the findings; a non-OK Status only when the check itself could not run (the file
+// cannot be opened, the header is unreadable).
+Result<CheckResult> CheckImage(const std::string& path);
+
+}  // namespace zqcow
+
+#endif  // ZQCOW_IMAGE_H_

@@ -1,0 +1,67 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// L1 and L2 table entries (64-bit big-endian words).
+//
+// L1 entry: bits 9..55 offset of the L2 table (cluster aligned), bit 63 COPIED.
+// Standard L2 entry: bit 0 "reads as zero" (v3), bits 9..55 host cluster offset,
+//   bit 62 = 0, bit 63 COPIED (refcount is exactly 1).
+// Compressed L2 entry: bit 62 = 1. With x = 62 - (cluster_bits - 8):
+//   bits 0..x-1  host BYTE offset of the compressed data,
+//   bits x..61   additional 512-byte sectors beyond the first: ((off+len-1)>>9) - (off>>9).
+//   Never COPIED.
+
+#ifndef ZQCOW_FORMAT_ENTRIES_H_
+#define ZQCOW_FORMAT_ENTRIES_H_
+
+#include <cstdint>
+
+#include "format/types.h"
+#include "zqcow/status.h"
+
+namespace zqcow::format {
+
+inline constexpr uint64_t kEntryCopied = 1ull << 63;
+inline constexpr uint64_t kEntryCompressed = 1ull << 62;
+inline constexpr uint64_t kEntryZero = 1ull << 0;
+inline constexpr uint64_t kEntryOffsetMask = 0x00fffffffffffe00ull;  // bits 9..55
+
+struct L1Entry {
+  HostOffset l2_offset;  // 0 = no L2 table
+  bool copied = false;
+};
+// Rejects reserved bits set and offsets not aligned to the cluster.
+Result<L1Entry> DecodeL1Entry(uint64_t raw, const Geometry& geometry);
+uint64_t EncodeL1Entry(const L1Entry& entry);
+
+struct L2Entry {
+  enum class Kind : uint8_t { kUnallocated, kZero, kNormal, kCompressed };
+  Kind kind = Kind::kUnallocated;
+  // kNormal: host cluster offset (kZero may carry a preallocated one, else 0).
+  // kCompressed: host byte offset of the compressed data.
+  HostOffset host_offset;
+  // kCompressed: bytes readers must read from host_offset, i.e. up to the end of the last
+  // sector the descriptor names: (nb_csectors + 1) * 512 - (host_offset & 511).
+  uint64_t compressed_span = 0;
+  bool copied = false;
+};
+// Rejects reserved bits, unaligned normal offsets. Compressed: offset/sector fields as the
+// descriptor above.
+Result<L2Entry> DecodeL2Entry(uint64_t raw, const Geometry& geometry);
+
+uint64_t EncodeUnallocatedL2Entry();
+uint64_t EncodeZeroL2Entry();  // v3 only: "reads as zero", no host cluster
+uint64_t EncodeNormalL2Entry(HostOffset host_cluster_offset, bool copied);
+// REQUIRES: 0 < length < cluster size; host_offset fits in x bits.
+uint64_t EncodeCompressedL2Entry(HostOffset host_offset, uint64_t length, const Geometry& geometry);
+
+// Host clusters a compressed cluster's data touches: first and last (inclusive), from the
+// descriptor's byte offset and its sector span. Every one of them holds one reference.
+struct HostClusterRange {
+  HostCluster first;
+  HostCluster last;
+};
+HostClusterRange CompressedHostClusters(const L2Entry& entry, const Geometry& geometry);
+
+}  // namespace zqcow::format
+
+#endif  // ZQCOW_FORMAT_ENTRIES_H_

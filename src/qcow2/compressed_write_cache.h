@@ -1,0 +1,105 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The compressed write cache: assembles host clusters in memory from compressed pieces that
+// parallel workers deliver in any order, and writes each host cluster to the file once,
+// aligned, when it is complete (or at flush). This is what makes O_DIRECT compressed writes
+// fast: no read-modify-write per compressed cluster.
+//
+// Model. The image's compressed-data allocator hands out byte ranges one after another
+// (a bump pointer). A host cluster therefore receives a set of non-overlapping pieces that
+// start at the cluster's first byte and run up to its *data end*: the cluster end, or less
+// when the allocator moved on to a non-contiguous cluster and said so with SetClusterEnd().
+// A cluster is *finished* when all bytes in [0, data end) have arrived; the writer whose
+// piece finished it writes it out with one aligned write (tail padded with zeros up to the
+// file's alignment, never beyond the cluster) and drops it from memory.
+//
+// REQUIRES of the caller (the image's allocator):
+// - Every host cluster that receives pieces is fresh: nothing else is ever written to it,
+//   and its first piece starts at offset 0 of the cluster, or pieces cover it from 0 up.
+//   (The allocator never continues a host cluster that a previous session half filled.)
+// - Pieces never overlap and never lie beyond a data end given by SetClusterEnd().
+//
+// Memory: at most max_clusters clusters are held, except that a writer whose cluster lies
+// below every cached cluster is always admitted (so the oldest allocation can always finish
+// and progress is guaranteed, even with one worker); the bound is therefore
+// max_clusters + number of concurrent writers. Writers that must wait block on a condition
+// variable; nobody busy-loops.
+//
+// Disabled mode (Options::enabled = false) writes every piece immediately: with pwrite on a
+// buffered file, or by an aligned read-modify-write (serialised per block) on an O_DIRECT
+// file — the slow path QEMU takes, kept so the difference can be measured.
+//
+// Threading: every method may be called from any thread at once.
+// Errors: the first failed write is sticky: every later Write/SetClusterEnd/Flush returns it.
+
+#ifndef ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
+#define ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "io/file.h"
+#include "zqcow/status.h"
+
+namespace zqcow::qcow2 {
+
+class CompressedWriteCache {
+ public:
+  struct Options {
+    bool enabled = true;
+    // Upper bound of cached host clusters (see the class comment for the exact bound).
+    size_t max_clusters = 64;
+    // After a host cluster (or, disabled, a piece) is written, push it to disk and drop it
+    // from the page cache (sync_file_range + posix_fadvise DONTNEED): the "buffered +
+    // fadvise" alternative to O_DIRECT, for benchmarks. Off by default.
+    bool drop_page_cache = false;
+  };
+
+  struct Stats {
+    uint64_t clusters_written_whole = 0;    // finished clusters written with one write
+    uint64_t clusters_written_partial = 0;  // unfinished clusters written by Flush
+    uint64_t pieces = 0;                    // Write() calls' pieces
+    uint64_t waits = 0;                     // times a writer blocked on a full cache
+    uint64_t peak_clusters = 0;             // most clusters held at once
+  };
+
+  // `file` must outlive the cache. cluster_size is the image's (512 B .. 2 MiB).
+  static std::unique_ptr<CompressedWriteCache> Create(io::File* file, uint32_t cluster_size,
+                                                      const Options& options);
+  virtual ~CompressedWriteCache() = default;
+
+  // Stores `data` at host byte offset `host_offset`. The range may cross into following
+  // host clusters; it is split into one piece per host cluster. May block while the cache
+  // is full. Returns the sticky error if one happened.
+  virtual Status Write(uint64_t host_offset, std::span<const uint8_t> data) = 0;
+
+  // The allocator's word that host cluster `host_cluster_offset` (cluster-aligned) holds no
+  // compressed data at or beyond `data_end` (1 .. cluster_size): no piece will arrive there.
+  // The cluster may then finish (and be written) before it is full.
+  virtual Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) = 0;
+
+  // Writes every cached cluster (finished ones whole; unfinished ones up to their received
+  // end rounded up to the alignment, and they stay cached so later pieces can complete
+  // them) and waits for writes in flight. Does NOT fdatasync: the caller syncs the file
+  // after Flush and before writing metadata that points at this data.
+  virtual Status Flush() = 0;
+
+  // Fills `out` with the bytes at host offset [host_offset, host_offset + out.size()): from
+  // the cache where the cluster is cached or being written, from the file elsewhere (with a
+  // bounce buffer when the file is O_DIRECT, so any offset and length work).
+  virtual Status Read(uint64_t host_offset, std::span<uint8_t> out) = 0;
+
+  // Host cluster was freed (refcount reached 0): drop its cached bytes without writing
+  // them, and wait until a write of it that is in flight has finished.
+  virtual void Discard(uint64_t host_cluster_offset) = 0;
+
+  // The sticky error, OK if none.
+  virtual Status error() const = 0;
+  virtual Stats stats() const = 0;
+};
+
+}  // namespace zqcow::qcow2
+
+#endif  // ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
