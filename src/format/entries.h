@@ -24,6 +24,20 @@ inline constexpr uint64_t kEntryCopied = 1ull << 63;
 inline constexpr uint64_t kEntryCompressed = 1ull << 62;
 inline constexpr uint64_t kEntryZero = 1ull << 0;
 inline constexpr uint64_t kEntryOffsetMask = 0x00fffffffffffe00ull;  // bits 9..55
+// Bits that must be zero: L1 entries bits 0..8 and 56..62; standard L2 entries bits 1..8
+// and 56..61. (Compressed L2 entries have no reserved bits besides bit 63.)
+inline constexpr uint64_t kL1ReservedMask = ~(kEntryOffsetMask | kEntryCopied);
+inline constexpr uint64_t kL2StandardReservedMask =
+    ~(kEntryOffsetMask | kEntryCopied | kEntryCompressed | kEntryZero);
+
+// Field positions of a compressed descriptor: x = 62 - (cluster_bits - 8).
+constexpr uint32_t CompressedOffsetBits(const Geometry& geometry) {
+  return 62 - (geometry.cluster_bits - 8);
+}
+// Largest value of the "additional sectors" field.
+constexpr uint64_t CompressedSectorsMask(const Geometry& geometry) {
+  return (uint64_t{1} << (geometry.cluster_bits - 8)) - 1;
+}
 
 struct L1Entry {
   HostOffset l2_offset;  // 0 = no L2 table
@@ -42,10 +56,12 @@ struct L2Entry {
   // kCompressed: bytes readers must read from host_offset, i.e. up to the end of the last
   // sector the descriptor names: (nb_csectors + 1) * 512 - (host_offset & 511).
   uint64_t compressed_span = 0;
+  // Bit 63. For kCompressed it must be 0: decoding reports it, check counts it as corruption.
   bool copied = false;
 };
-// Rejects reserved bits, unaligned normal offsets. Compressed: offset/sector fields as the
-// descriptor above.
+// Rejects reserved bits, unaligned normal (and preallocated zero) offsets. Compressed:
+// offset/sector fields as the descriptor above. The zero flag is decoded in v2 images too
+// (QEMU does the same).
 Result<L2Entry> DecodeL2Entry(uint64_t raw, const Geometry& geometry);
 
 uint64_t EncodeUnallocatedL2Entry();

@@ -52,6 +52,8 @@ inline constexpr uint32_t kExtExternalDataFile = 0x44415441;
 struct HeaderExtension {
   uint32_t type = 0;
   std::vector<uint8_t> data;  // unpadded
+
+  bool operator==(const HeaderExtension&) const = default;
 };
 
 struct Header {
@@ -77,6 +79,7 @@ struct Header {
   std::string backing_file;                 // read from backing_file_offset
 
   uint64_t cluster_size() const { return uint64_t{1} << cluster_bits; }
+  bool operator==(const Header&) const = default;
 };
 
 // Parses and validates a header from the start of the file. `bytes` holds at least the
