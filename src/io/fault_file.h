@@ -22,12 +22,14 @@ class FaultController {
  public:
   enum class Op : uint8_t { kRead = 0, kWrite = 1, kSync = 2 };
 
+  FaultController();
+
   // The nth (1-based) operation of kind `op` from now on counted, and every later one of
   // that kind, fail with `err` (EIO, ENOSPC, ...). n = 0 disarms.
   void FailNth(Op op, uint64_t n, int err);
   // Operations of that kind seen so far (batched requests count one each).
   uint64_t count(Op op) const;
-  // Whether any injected fault fired.
+  // Whether any fault injected by FailNth fired (failures after Crash() do not count).
   bool fired() const;
 
   // Remember the previous content of every write until the next successful Sync(), so that
@@ -41,10 +43,14 @@ class FaultController {
  private:
   friend class FaultInjectingFile;
   struct Impl;
-  std::shared_ptr<Impl> impl_ = std::make_shared<Impl>();
+  std::shared_ptr<Impl> impl_;  // never null; defined in fault_file.cc
 };
 
-// Wraps `base`; the wrapper forwards everything, consulting `controller` first.
+// Wraps `base`; the wrapper forwards everything, consulting `controller` first. Truncate
+// counts as no operation kind but is undone by Crash() like a write; after Crash() every
+// method that touches the file fails with EIO.
+// Threading: the wrapper and the controller may be used from several threads at once; while
+// TrackUnsynced is on, writes, truncates and syncs through the wrappers are serialized.
 std::unique_ptr<File> MakeFaultInjectingFile(std::unique_ptr<File> base,
                                              std::shared_ptr<FaultController> controller);
 
