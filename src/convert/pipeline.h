@@ -1,0 +1,72 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The conversion pipeline proper: one reader thread -> N worker threads -> the image.
+//
+//   reader   asks the source which ranges hold data (holes, unallocated and zero ranges
+//            are skipped unread), reads several chunks per batch into pooled aligned
+//            buffers, splits them into guest clusters, drops all-zero clusters (left
+//            unallocated), queues the rest with sequence numbers in guest order.
+//   workers  each own a Compressor; compress a cluster into cluster_size - 1 bytes and
+//            WriteCompressed it, or Write it as is when it did not fit (or without
+//            compression). With in-order writing the writes pass an OrderGate.
+//   caller   (the coordinating thread) reports progress every ~100 ms, watches the cancel
+//            flag, joins everything.
+//
+// The first error from any thread stops all of them: every blocking wait (free buffer,
+// next task, write turn) wakes up on stop, so nothing deadlocks on a full or empty queue.
+
+#ifndef ZQCOW_CONVERT_PIPELINE_H_
+#define ZQCOW_CONVERT_PIPELINE_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codec/codec.h"
+#include "convert/source.h"
+#include "zqcow/convert.h"
+#include "zqcow/image.h"
+#include "zqcow/status.h"
+
+namespace zqcow::convert {
+
+struct PipelineOptions {
+  uint32_t cluster_size = 65536;  // the target's
+  uint64_t virtual_size = 0;      // the target's; >= source.size(), the rest reads as zeros
+  bool out_of_order = true;       // false: clusters reach the image in guest order
+  std::string target_path;        // for error messages
+  const std::atomic<bool>* cancel = nullptr;
+  std::function<void(const ConvertProgress&)> progress;
+  std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
+};
+
+// What the pipeline counted (see ConvertStats for each field's meaning). Every guest
+// cluster is counted exactly once: clusters_zero + clusters_compressed +
+// clusters_uncompressed = clusters in the virtual size.
+struct PipelineTotals {
+  uint64_t bytes_read = 0;
+  uint64_t zero_bytes_skipped = 0;
+  uint64_t compressed_bytes = 0;
+  uint64_t clusters_compressed = 0;
+  uint64_t clusters_uncompressed = 0;
+  uint64_t clusters_zero = 0;
+};
+
+// Converts all of `source` into `image`, on 1 + compressors.size() threads plus the
+// calling one (which reports progress). `compressors` holds one entry per worker: all
+// non-null to compress, all null to store clusters uncompressed.
+// REQUIRES: !compressors.empty(); image is freshly created (every cluster unallocated) with
+// options.cluster_size and options.virtual_size.
+// Returns the first error (source, codec or image), kInterrupted when *options.cancel
+// became true, else OK. `totals` is filled either way. The image is not closed.
+Status RunPipeline(Source& source, Image& image, const PipelineOptions& options,
+                   std::vector<std::unique_ptr<codec::Compressor>> compressors,
+                   PipelineTotals* totals);
+
+}  // namespace zqcow::convert
+
+#endif  // ZQCOW_CONVERT_PIPELINE_H_

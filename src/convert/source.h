@@ -1,0 +1,69 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// What the pipeline reads from: a raw file or block device, or a qcow2 image, seen as a
+// flat range of guest bytes that can tell which parts may hold data (so holes, unallocated
+// and zero ranges are skipped without being read).
+
+#ifndef ZQCOW_CONVERT_SOURCE_H_
+#define ZQCOW_CONVERT_SOURCE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/file.h"
+#include "zqcow/status.h"
+
+namespace zqcow::convert {
+
+// A half-open byte range [offset, offset + length).
+struct ByteRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint64_t end() const { return offset + length; }
+};
+
+// Threading: DataRanges and Read are called from one thread (the pipeline's reader).
+class Source {
+ public:
+  virtual ~Source() = default;
+
+  virtual const std::string& path() const = 0;
+  // "raw" or "qcow2".
+  virtual const char* format() const = 0;
+  // Guest bytes the source holds (file or device size; qcow2 virtual size).
+  virtual uint64_t size() const = 0;
+  // Offset, length and buffer address of every read must be multiples of this (1 when
+  // there is no constraint; the logical block size for O_DIRECT).
+  virtual size_t read_alignment() const = 0;
+
+  // The parts of [offset, offset + length) that may hold non-zero bytes: sorted, disjoint,
+  // inside the asked range. Everything outside them reads as zeros.
+  virtual Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) = 0;
+
+  // Reads every request (submitted together where the file layer can). Bytes at or past
+  // size() read as zeros. REQUIRES: requests aligned to read_alignment().
+  virtual Status Read(std::span<const io::IoRequest> requests) = 0;
+
+  // Releases the file or image; reports errors the close finds. Idempotent.
+  virtual Status Close() = 0;
+};
+
+// Opens `path` as `format`: "raw", "qcow2", or "" to detect (the qcow2 magic at offset 0
+// means qcow2, anything else raw). With direct_io the file is opened with O_DIRECT.
+// Errors: kNotFound for a missing file; kInvalidArgument for an unknown format or when
+// "qcow2" is asked for a file that is not one; each names the file.
+Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const std::string& format,
+                                           bool direct_io);
+
+// The two kinds, for callers that know what they have. MakeRawSource takes an opened file
+// and its size.
+std::unique_ptr<Source> MakeRawSource(std::unique_ptr<io::File> file, uint64_t size);
+Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io);
+
+}  // namespace zqcow::convert
+
+#endif  // ZQCOW_CONVERT_SOURCE_H_
