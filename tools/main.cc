@@ -1,1 +1,50 @@
-int main(){return 0;}
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// zqcow: writes compressed qcow2 images fast. Dispatches to the subcommands in cmd_*.cc.
+
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "cli_common.h"
+#include "commands.h"
+
+namespace {
+
+// Keep in sync with project(zqcow VERSION ...) in CMakeLists.txt.
+constexpr const char* kVersion = "0.1.0";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace zqcow::cli;
+  CLI::App app("zqcow: convert disk images to (compressed) qcow2 fast; qemu-img compatible",
+               "zqcow");
+  app.set_version_flag("--version", std::string("zqcow ") + kVersion);
+  app.require_subcommand(1);
+  std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
+                                      AddCheckCommand(app), AddCompareCommand(app),
+                                      AddMapCommand(app)};
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    int exit_code = kExitError;
+    for (const Subcommand& command : commands) {
+      if (command.app->parsed()) exit_code = command.usage_error_exit_code;
+    }
+    PrintError(std::string(e.what()) + " (see zqcow --help)");
+    return exit_code;
+  }
+  for (const Subcommand& command : commands) {
+    if (command.app->parsed()) return command.run();
+  }
+  PrintError("no subcommand given (see zqcow --help)");
+  return kExitError;
+}

@@ -1,0 +1,202 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// `zqcow convert`: qemu-img convert's compressed-conversion subset, SRC (raw or qcow2) to a
+// new qcow2 image.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "create_options.h"
+#include "zqcow/convert.h"
+
+namespace zqcow::cli {
+namespace {
+
+constexpr unsigned kMaxWorkers = 1024;
+
+struct ConvertArgs {
+  std::string source;
+  std::string target;
+  std::string source_format;
+  std::string output_format = std::string(kFormatQcow2);
+  bool compress = false;
+  std::vector<std::string> create_options;
+  std::string target_cache = "writeback";
+  std::string source_cache = "writeback";
+  unsigned workers = 0;
+  bool out_of_order_flag = false;  // -W: accepted, already the default
+  bool in_order = false;
+  bool progress = false;
+  std::string output;  // "", "human" or "json"
+  bool force = false;
+  bool no_write_cache = false;
+  std::string write_cache_size;
+};
+
+nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
+                           const ConvertStats& stats) {
+  nlohmann::json j;
+  j["source"] = args.source;
+  j["target"] = args.target;
+  j["format"] = kFormatQcow2;
+  j["compressed"] = options.compress;
+  j["compression_type"] = options.compression == Compression::kZstd ? "zstd" : "zlib";
+  j["cluster_size"] = options.cluster_size;
+  j["virtual_size"] = stats.virtual_size;
+  j["bytes_read"] = stats.bytes_read;
+  j["zero_bytes_skipped"] = stats.zero_bytes_skipped;
+  j["compressed_bytes"] = stats.compressed_bytes;
+  j["clusters_compressed"] = stats.clusters_compressed;
+  j["clusters_uncompressed"] = stats.clusters_uncompressed;
+  j["clusters_zero"] = stats.clusters_zero;
+  j["output_file_size"] = stats.output_file_size;
+  j["wall_seconds"] = stats.wall_seconds;
+  j["cpu_seconds"] = stats.cpu_seconds;
+  j["throughput_mib_s"] = stats.throughput_mib_s;
+  j["peak_rss_bytes"] = stats.peak_rss_bytes;
+  return j;
+}
+
+void PrintHumanSummary(const ConvertStats& stats) {
+  double ratio = stats.virtual_size == 0 ? 0.0
+                                         : 100.0 * static_cast<double>(stats.output_file_size) /
+                                               static_cast<double>(stats.virtual_size);
+  fmt::print("Converted {} in {:.2f} s ({:.1f} MiB/s, {:.2f} s CPU, peak RSS {})\n",
+             HumanSize(stats.virtual_size), stats.wall_seconds, stats.throughput_mib_s,
+             stats.cpu_seconds, HumanSize(stats.peak_rss_bytes));
+  fmt::print("Output {} ({:.1f}% of the virtual size): {} clusters compressed, {} stored "
+             "uncompressed, {} zero; {} read, {} skipped as zero\n",
+             HumanSize(stats.output_file_size), ratio, stats.clusters_compressed,
+             stats.clusters_uncompressed, stats.clusters_zero, HumanSize(stats.bytes_read),
+             HumanSize(stats.zero_bytes_skipped));
+}
+
+// Builds ConvertOptions from the parsed arguments; usage mistakes are kInvalidArgument.
+Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
+  ConvertOptions options;
+  if (!args.source_format.empty() && args.source_format != kFormatRaw &&
+      args.source_format != kFormatQcow2) {
+    return Status::InvalidArgument(
+        fmt::format("-f: unknown format '{}' (expected raw or qcow2)", args.source_format));
+  }
+  options.source_format = args.source_format;
+  if (args.output_format != kFormatQcow2) {
+    return Status::InvalidArgument(fmt::format(
+        "-O: output format '{}' is not supported (zqcow writes qcow2 only)", args.output_format));
+  }
+  options.compress = args.compress;
+  ZQ_RETURN_IF_ERROR(ApplyCreateOptions(args.create_options, options));
+  ZQ_ASSIGN_OR_RETURN(options.target_io.direct_io, ParseCacheMode(args.target_cache, "-t"));
+  ZQ_ASSIGN_OR_RETURN(options.source_direct_io, ParseCacheMode(args.source_cache, "-T"));
+  if (args.workers > kMaxWorkers) {
+    return Status::InvalidArgument(
+        fmt::format("-m: {} workers is more than the maximum of {}", args.workers, kMaxWorkers));
+  }
+  options.workers = args.workers;
+  options.out_of_order = !args.in_order;
+  options.overwrite = args.force;
+  if (args.no_write_cache) {
+    options.target_io.write_cache = IoOptions::WriteCache::kOff;
+  } else if (!args.write_cache_size.empty()) {
+    ZQ_ASSIGN_OR_RETURN(uint64_t bytes, ParseSize(args.write_cache_size, "--write-cache-size"));
+    if (bytes == 0) {
+      return Status::InvalidArgument("--write-cache-size: must be at least one cluster");
+    }
+    options.target_io.write_cache = IoOptions::WriteCache::kOn;
+    options.target_io.write_cache_bytes = static_cast<size_t>(bytes);
+  }
+  return options;
+}
+
+int RunConvert(const ConvertArgs& args) {
+  auto options_or = BuildOptions(args);
+  if (!options_or.ok()) return ReportError(options_or.status());
+  ConvertOptions options = std::move(options_or).value();
+  std::optional<OutputFormat> output;
+  if (!args.output.empty()) {
+    auto format = ParseOutputFormat(args.output);
+    if (!format.ok()) return ReportError(format.status());
+    output = *format;
+  }
+
+  ProgressBar bar(args.progress);
+  if (args.progress) {
+    options.progress = [&bar](const ConvertProgress& progress) { bar.Update(progress); };
+  }
+  CancelSignals::Install();
+  options.cancel = CancelSignals::cancel_flag();
+
+  Result<ConvertStats> stats = Convert(args.source, args.target, options);
+  bar.Finish();
+  if (!stats.ok()) {
+    int signal_number = CancelSignals::received_signal();
+    if (stats.status().code() == Status::Code::kInterrupted && signal_number != 0) {
+      PrintError(fmt::format("interrupted by {}: {} is left incomplete (dirty): {}",
+                             CancelSignals::SignalName(signal_number), args.target,
+                             stats.status().message()));
+      return kExitSignalBase + signal_number;
+    }
+    return ReportError(stats.status());
+  }
+  if (output == OutputFormat::kJson) {
+    PrintJson(StatsToJson(args, options, *stats));
+  } else if (output == OutputFormat::kHuman || args.progress) {
+    PrintHumanSummary(*stats);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+Subcommand AddConvertCommand(CLI::App& parent) {
+  auto args = std::make_shared<ConvertArgs>();
+  CLI::App* app = parent.add_subcommand(
+      "convert", "Convert SRC (raw or qcow2) into a new qcow2 image DST, like qemu-img convert");
+  app->add_option("-f", args->source_format, "Source format: raw or qcow2 (default: detect)");
+  app->add_option("-O", args->output_format, "Output format (only qcow2)");
+  app->add_flag("-c", args->compress, "Compress the clusters of the target");
+  app->add_option("-o", args->create_options,
+                  "Creation options key=value[,...]: compression_type=zlib|zstd, "
+                  "compression_level=N, cluster_size=SIZE, refcount_bits=N ('-o help' lists them)")
+      ->allow_extra_args(false);
+  app->add_option("-t", args->target_cache,
+                  "Target cache mode: none/directsync (O_DIRECT) or writeback (default)");
+  app->add_option("-T", args->source_cache,
+                  "Source cache mode: none/directsync (O_DIRECT) or writeback (default)");
+  app->add_option("-m", args->workers, "Number of compression workers (default: one per core)")
+      ->check(CLI::PositiveNumber);
+  CLI::Option* w = app->add_flag("-W", args->out_of_order_flag,
+                                 "Out-of-order writes (the default; accepted for compatibility)");
+  app->add_flag("--in-order", args->in_order, "Write clusters in guest order")->excludes(w);
+  app->add_flag("-p", args->progress, "Show progress on stderr and a summary at the end");
+  app->add_option("--output", args->output, "Print a final summary: human or json");
+  app->add_flag("--force", args->force, "Overwrite DST if it exists");
+  CLI::Option* no_cache = app->add_flag(
+      "--no-write-cache", args->no_write_cache, "Disable the compressed write cache");
+  app->add_option("--write-cache-size", args->write_cache_size,
+                  "Enable the compressed write cache with this size (e.g. 4M)")
+      ->excludes(no_cache);
+  // SRC and DST are checked in `run` so that `-o help` works without them.
+  app->add_option("SRC", args->source, "Source image (raw file, block device or qcow2)");
+  app->add_option("DST", args->target, "Target qcow2 image");
+  return {app, [args] {
+            for (const std::string& arg : args->create_options) {
+              if (arg == "help" || arg == "?") {
+                fmt::print("{}", kCreateOptionsHelp);
+                return kExitOk;
+              }
+            }
+            if (args->source.empty() || args->target.empty()) {
+              PrintError("convert: SRC and DST are required (see zqcow convert --help)");
+              return kExitError;
+            }
+            return RunConvert(*args);
+          }};
+}
+
+}  // namespace zqcow::cli

@@ -1,0 +1,150 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// `zqcow map IMG`: like qemu-img map. JSON: a list of {start, length, depth, present, zero,
+// data, compressed[, offset]}; "offset" is given for uncompressed data (and raw files), not
+// for compressed clusters, whose data is not a linear mapping (qemu-img omits it too).
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "guest_source.h"
+
+namespace zqcow::cli {
+namespace {
+
+// Guest bytes mapped per Map() call, to bound memory on huge images.
+constexpr uint64_t kMapWindow = 1ull << 30;
+
+struct MapArgs {
+  std::string path;
+  std::string format;
+  std::string output = "human";
+};
+
+struct MapEntry {
+  uint64_t start = 0;
+  uint64_t length = 0;
+  bool present = false;
+  bool zero = false;
+  bool data = false;
+  bool compressed = false;
+  std::optional<uint64_t> offset;
+
+  uint64_t end() const { return start + length; }
+  // Whether `next` (which starts at end()) continues this entry.
+  bool Continues(const MapEntry& next) const {
+    if (next.start != end() || present != next.present || zero != next.zero ||
+        data != next.data || compressed != next.compressed || offset.has_value() != next.offset.has_value()) {
+      return false;
+    }
+    return !offset || *offset + length == *next.offset;
+  }
+};
+
+MapEntry ToEntry(const MapExtent& extent, bool raw) {
+  MapEntry entry;
+  entry.start = extent.guest_offset;
+  entry.length = extent.length;
+  switch (extent.kind) {
+    case MapExtent::Kind::kUnallocated:
+      entry.zero = true;
+      break;
+    case MapExtent::Kind::kZero:
+      entry.present = true;
+      entry.zero = true;
+      if (raw) entry.offset = extent.host_offset;
+      break;
+    case MapExtent::Kind::kData:
+      entry.present = true;
+      entry.data = true;
+      entry.offset = extent.host_offset;
+      break;
+    case MapExtent::Kind::kCompressed:
+      entry.present = true;
+      entry.data = true;
+      entry.compressed = true;
+      break;
+  }
+  return entry;
+}
+
+Result<std::vector<MapEntry>> BuildMap(GuestSource& source) {
+  std::vector<MapEntry> entries;
+  bool raw = source.format() == kFormatRaw;
+  for (uint64_t pos = 0; pos < source.size(); pos += kMapWindow) {
+    uint64_t length = std::min(kMapWindow, source.size() - pos);
+    ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> extents, source.Map(pos, length));
+    for (const MapExtent& extent : extents) {
+      if (extent.length == 0) continue;
+      MapEntry entry = ToEntry(extent, raw);
+      if (!entries.empty() && entries.back().Continues(entry)) {
+        entries.back().length += entry.length;
+      } else {
+        entries.push_back(entry);
+      }
+    }
+  }
+  return entries;
+}
+
+nlohmann::json MapJson(const std::vector<MapEntry>& entries) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const MapEntry& e : entries) {
+    nlohmann::json j;
+    j["start"] = e.start;
+    j["length"] = e.length;
+    j["depth"] = 0;
+    j["present"] = e.present;
+    j["zero"] = e.zero;
+    j["data"] = e.data;
+    j["compressed"] = e.compressed;
+    if (e.offset) j["offset"] = *e.offset;
+    list.push_back(std::move(j));
+  }
+  return list;
+}
+
+void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
+  fmt::print("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
+  for (const MapEntry& e : entries) {
+    if (!e.data) continue;
+    std::string mapped = e.offset ? fmt::format("{:#x}", *e.offset) : "compressed";
+    fmt::print("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, mapped, path);
+  }
+}
+
+int RunMap(const MapArgs& args) {
+  auto output = ParseOutputFormat(args.output);
+  if (!output.ok()) return ReportError(output.status());
+  auto format = ResolveFormat(args.path, args.format);
+  if (!format.ok()) return ReportError(format.status());
+  auto source = GuestSource::Open(args.path, *format);
+  if (!source.ok()) return ReportError(source.status());
+  auto entries = BuildMap(**source);
+  if (!entries.ok()) return ReportError(entries.status());
+  if (*output == OutputFormat::kJson) {
+    PrintJson(MapJson(*entries));
+  } else {
+    PrintHuman(args.path, *entries);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+Subcommand AddMapCommand(CLI::App& parent) {
+  auto args = std::make_shared<MapArgs>();
+  CLI::App* app = parent.add_subcommand("map", "Show how an image's guest ranges are stored");
+  app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
+  app->add_option("--output", args->output, "human (default) or json");
+  app->add_option("IMG", args->path, "The image")->required();
+  return {app, [args] { return RunMap(*args); }};
+}
+
+}  // namespace zqcow::cli

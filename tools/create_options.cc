@@ -1,0 +1,111 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+
+#include "create_options.h"
+
+#include <bit>
+
+#include <fmt/format.h>
+
+#include "cli_common.h"
+
+namespace zqcow::cli {
+namespace {
+
+// Ranges accepted by the codecs (see src/codec/codec.h); checked here so a typo is reported
+// before the target is created.
+constexpr int64_t kMinZlibLevel = 1;
+constexpr int64_t kMaxZlibLevel = 9;
+constexpr int64_t kMinZstdLevel = -5;
+constexpr int64_t kMaxZstdLevel = 19;
+constexpr uint64_t kMinClusterSize = 512;
+constexpr uint64_t kMaxClusterSize = 2u << 20;
+constexpr int64_t kMaxRefcountBits = 64;
+
+std::vector<std::string_view> Split(std::string_view text, char separator) {
+  std::vector<std::string_view> parts;
+  size_t start = 0;
+  while (true) {
+    size_t pos = text.find(separator, start);
+    parts.push_back(text.substr(start, pos == std::string_view::npos ? pos : pos - start));
+    if (pos == std::string_view::npos) break;
+    start = pos + 1;
+  }
+  return parts;
+}
+
+Status ApplyOne(std::string_view key, std::string_view value, ConvertOptions& options,
+                bool& level_given) {
+  std::string what = fmt::format("-o {}", key);
+  if (key == "compression_type") {
+    if (value == "zlib" || value == "deflate") {
+      options.compression = Compression::kZlib;
+    } else if (value == "zstd") {
+      options.compression = Compression::kZstd;
+    } else {
+      return Status::InvalidArgument(
+          fmt::format("{}: unknown compression type '{}' (expected zlib or zstd)", what, value));
+    }
+  } else if (key == "compression_level") {
+    ZQ_ASSIGN_OR_RETURN(int64_t level, ParseInteger(value, what));
+    options.compression_level = static_cast<int>(level);
+    level_given = true;
+  } else if (key == "cluster_size") {
+    ZQ_ASSIGN_OR_RETURN(uint64_t size, ParseSize(value, what));
+    if (size < kMinClusterSize || size > kMaxClusterSize || !std::has_single_bit(size)) {
+      return Status::InvalidArgument(fmt::format(
+          "{}: {} is not a power of two between 512 and 2M", what, value));
+    }
+    options.cluster_size = static_cast<uint32_t>(size);
+  } else if (key == "refcount_bits") {
+    ZQ_ASSIGN_OR_RETURN(int64_t bits, ParseInteger(value, what));
+    if (bits < 1 || bits > kMaxRefcountBits || !std::has_single_bit(static_cast<uint64_t>(bits))) {
+      return Status::InvalidArgument(
+          fmt::format("{}: {} is not a power of two between 1 and 64", what, value));
+    }
+    options.refcount_bits = static_cast<uint32_t>(bits);
+  } else {
+    return Status::InvalidArgument(fmt::format(
+        "-o: unknown option '{}' (known: compression_type, compression_level, cluster_size, "
+        "refcount_bits; '-o help' lists them)",
+        key));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOptions& options) {
+  bool level_given = false;
+  for (const std::string& arg : option_args) {
+    for (std::string_view pair : Split(arg, ',')) {
+      if (pair.empty()) continue;
+      size_t eq = pair.find('=');
+      if (eq == std::string_view::npos || eq == 0) {
+        return Status::InvalidArgument(
+            fmt::format("-o: '{}' is not of the form key=value", pair));
+      }
+      ZQ_RETURN_IF_ERROR(ApplyOne(pair.substr(0, eq), pair.substr(eq + 1), options, level_given));
+    }
+  }
+  if (level_given) {
+    int level = options.compression_level;
+    bool zstd = options.compression == Compression::kZstd;
+    bool valid = zstd ? (level >= kMinZstdLevel && level <= kMaxZstdLevel && level != 0)
+                      : (level >= kMinZlibLevel && level <= kMaxZlibLevel);
+    if (!valid) {
+      return Status::InvalidArgument(fmt::format(
+          "-o compression_level: {} is out of range for {} ({})", level, zstd ? "zstd" : "zlib",
+          zstd ? "-5..-1 or 1..19" : "1..9"));
+    }
+  }
+  return Status::OK();
+}
+
+Result<bool> ParseCacheMode(std::string_view mode, std::string_view flag) {
+  if (mode == "none" || mode == "directsync") return true;
+  if (mode == "writeback") return false;
+  return Status::InvalidArgument(fmt::format(
+      "{}: unknown cache mode '{}' (expected none, directsync or writeback)", flag, mode));
+}
+
+}  // namespace zqcow::cli
