@@ -3,7 +3,10 @@
 // `zqcow convert`: qemu-img convert's compressed-conversion subset, SRC (raw or qcow2) to a
 // new qcow2 image.
 
+#include <sys/stat.h>
+
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -136,9 +139,12 @@ int RunConvert(const ConvertArgs& args) {
   if (!stats.ok()) {
     int signal_number = CancelSignals::received_signal();
     if (stats.status().code() == Status::Code::kInterrupted && signal_number != 0) {
-      PrintError(fmt::format("interrupted by {}: {} is left incomplete (dirty): {}",
-                             CancelSignals::SignalName(signal_number), args.target,
-                             stats.status().message()));
+      struct stat st {};
+      bool exists = stat(args.target.c_str(), &st) == 0;
+      PrintError(fmt::format("interrupted by {}: {} {}", CancelSignals::SignalName(signal_number),
+                             args.target,
+                             exists ? "is left incomplete (its dirty bit is set)"
+                                    : "was not created"));
       return kExitSignalBase + signal_number;
     }
     return ReportError(stats.status());
