@@ -296,6 +296,12 @@ void Pipeline::WorkerMain(size_t worker) {
   codec::Compressor* compressor = compressors_[worker].get();
   std::vector<uint8_t> compressed(compressor != nullptr ? cluster_size_ - 1 : 0);
   while (std::optional<ClusterTask> task = queue_.Pop()) {
+    // Checked per cluster too (not only by the reader and the coordinator), so a cancel
+    // stops the conversion within a cluster or so even when everything is already read.
+    if (CancelRequested()) {
+      Fail(InterruptedStatus());
+      break;
+    }
     Status status = ProcessCluster(*task, compressor, compressed);
     if (!status.ok()) {
       Fail(std::move(status));

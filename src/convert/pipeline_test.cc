@@ -1,0 +1,371 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The pipeline against an in-memory source and a recording fake image: what reaches the
+// image (content, order, nothing for zero clusters), the counters, and how errors and
+// cancellation stop every thread. The real image is exercised in convert_test.cc.
+
+#include "convert/pipeline.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include "codec/codec.h"
+
+namespace zqcow::convert {
+namespace {
+
+constexpr uint32_t kClusterSize = 4096;
+
+// Guest bytes in memory; holes are the ranges not listed as data.
+class FakeSource final : public Source {
+ public:
+  FakeSource(std::vector<uint8_t> bytes, std::vector<ByteRange> data_ranges,
+             size_t alignment = 1, uint64_t size = 0)
+      : bytes_(std::move(bytes)),
+        data_ranges_(std::move(data_ranges)),
+        alignment_(alignment),
+        size_(size != 0 ? size : bytes_.size()) {}
+
+  const std::string& path() const override { return path_; }
+  const char* format() const override { return "raw"; }
+  uint64_t size() const override { return size_; }
+  size_t read_alignment() const override { return alignment_; }
+
+  Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
+    std::vector<ByteRange> out;
+    for (const ByteRange& range : data_ranges_) {
+      uint64_t start = std::max(range.offset, offset);
+      uint64_t stop = std::min(range.end(), offset + length);
+      if (start < stop) out.push_back({start, stop - start});
+    }
+    return out;
+  }
+
+  Status Read(std::span<const io::IoRequest> requests) override {
+    for (const io::IoRequest& request : requests) {
+      EXPECT_EQ(request.offset % alignment_, 0u);
+      EXPECT_EQ(request.length % alignment_, 0u);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(request.buffer) % alignment_, 0u);
+      if (++reads_ == fail_read_) return Status::IOError(path_ + ": injected read error");
+      auto* out = static_cast<uint8_t*>(request.buffer);
+      for (uint64_t i = 0; i < request.length; ++i) {
+        uint64_t at = request.offset + i;
+        out[i] = at < bytes_.size() ? bytes_[at] : 0;
+      }
+      bytes_requested_ += request.length;
+    }
+    return Status::OK();
+  }
+  Status Close() override { return Status::OK(); }
+
+  uint64_t fail_read_ = 0;  // 1-based request number that fails; 0 = none
+  uint64_t bytes_requested_ = 0;
+
+ private:
+  const std::string path_ = "/fake/source.raw";
+  std::vector<uint8_t> bytes_;
+  std::vector<ByteRange> data_ranges_;
+  size_t alignment_;
+  uint64_t size_;
+  uint64_t reads_ = 0;
+};
+
+// Records every write; decompresses compressed clusters to check them.
+class FakeImage final : public Image {
+ public:
+  explicit FakeImage(uint64_t virtual_size) : virtual_size_(virtual_size) {}
+
+  ImageInfo Info() const override { return {}; }
+  uint64_t virtual_size() const override { return virtual_size_; }
+  uint32_t cluster_size() const override { return kClusterSize; }
+  Compression compression() const override { return Compression::kZlib; }
+  Status Read(uint64_t, std::span<uint8_t>) override { return Unsupported(); }
+
+  Status Write(uint64_t guest_offset, std::span<const uint8_t> data) override {
+    return Record(guest_offset, {data.begin(), data.end()}, false);
+  }
+  Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) override {
+    if (guest_offset % kClusterSize != 0) return Status::InvalidArgument("unaligned");
+    std::vector<uint8_t> cluster(kClusterSize);
+    auto decompressor = codec::MakeDecompressor(codec::CompressionType::kDeflate);
+    ZQ_RETURN_IF_ERROR(decompressor->Decompress(compressed, cluster));
+    EXPECT_LT(compressed.size(), kClusterSize);
+    return Record(guest_offset, std::move(cluster), true);
+  }
+  Status WriteZeroes(uint64_t, uint64_t) override { return Unsupported(); }
+  Status Discard(uint64_t, uint64_t) override { return Unsupported(); }
+  Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported(); }
+  Status Flush() override { return Status::OK(); }
+  Status Close() override { return Status::OK(); }
+  Status CloseIncomplete() override { return Status::OK(); }
+
+  // Guest content as written (unwritten bytes zero), trimmed to the virtual size.
+  std::vector<uint8_t> Content() {
+    std::lock_guard lock(mutex_);
+    std::vector<uint8_t> content(virtual_size_ + kClusterSize, 0);
+    for (const auto& [offset, data] : clusters_) {
+      std::memcpy(content.data() + offset, data.data(), data.size());
+    }
+    content.resize(virtual_size_);
+    return content;
+  }
+
+  std::mutex mutex_;
+  std::map<uint64_t, std::vector<uint8_t>> clusters_;  // guarded by mutex_
+  std::vector<uint64_t> write_order_;                   // guarded by mutex_
+  uint64_t compressed_writes_ = 0;                      // guarded by mutex_
+  uint64_t fail_write_ = 0;  // 1-based write that fails (and every later one); 0 = none
+  std::atomic<bool>* cancel_after_writes_flag_ = nullptr;
+  uint64_t cancel_after_writes_ = 0;
+
+ private:
+  static Status Unsupported() { return Status::NotSupported("fake image"); }
+
+  Status Record(uint64_t guest_offset, std::vector<uint8_t> data, bool compressed) {
+    std::lock_guard lock(mutex_);
+    const uint64_t number = write_order_.size() + 1;
+    if (fail_write_ != 0 && number >= fail_write_) {
+      return Status::NoSpace("/fake/target.qcow2: injected: No space left on device");
+    }
+    EXPECT_EQ(clusters_.count(guest_offset), 0u) << "cluster written twice: " << guest_offset;
+    write_order_.push_back(guest_offset);
+    clusters_[guest_offset] = std::move(data);
+    if (compressed) ++compressed_writes_;
+    if (cancel_after_writes_flag_ != nullptr && number == cancel_after_writes_) {
+      cancel_after_writes_flag_->store(true);
+    }
+    return Status::OK();
+  }
+
+  uint64_t virtual_size_;
+};
+
+std::vector<std::unique_ptr<codec::Compressor>> Compressors(unsigned workers, bool compress) {
+  std::vector<std::unique_ptr<codec::Compressor>> compressors(workers);
+  if (compress) {
+    for (auto& compressor : compressors) {
+      auto made = codec::MakeCompressor(codec::CompressionType::kDeflate,
+                                        codec::DefaultLevel(codec::CompressionType::kDeflate));
+      EXPECT_TRUE(made.ok());
+      compressor = std::move(made).value();
+    }
+  }
+  return compressors;
+}
+
+// Clusters of kinds: 0 hole, 1 written zeros, 2 random, 3 text-like.
+struct Generated {
+  std::vector<uint8_t> bytes;
+  std::vector<ByteRange> data_ranges;
+};
+Generated Generate(uint64_t size, uint64_t seed) {
+  Generated g;
+  g.bytes.assign(size, 0);
+  std::mt19937_64 rng(seed);
+  for (uint64_t offset = 0; offset < size; offset += kClusterSize) {
+    const uint64_t length = std::min<uint64_t>(kClusterSize, size - offset);
+    const unsigned kind = rng() % 4;
+    if (kind == 0) continue;
+    g.data_ranges.push_back({offset, length});
+    for (uint64_t i = 0; i < length; ++i) {
+      if (kind == 2) g.bytes[offset + i] = static_cast<uint8_t>(rng());
+      if (kind == 3) g.bytes[offset + i] = static_cast<uint8_t>('a' + (i * 7 + offset) % 13);
+    }
+  }
+  // Merge adjacent ranges, as a file system would report them.
+  std::vector<ByteRange> merged;
+  for (const ByteRange& r : g.data_ranges) {
+    if (!merged.empty() && merged.back().end() == r.offset) {
+      merged.back().length += r.length;
+    } else {
+      merged.push_back(r);
+    }
+  }
+  g.data_ranges = merged;
+  return g;
+}
+
+PipelineOptions Options(uint64_t virtual_size, bool out_of_order) {
+  PipelineOptions options;
+  options.cluster_size = kClusterSize;
+  options.virtual_size = virtual_size;
+  options.out_of_order = out_of_order;
+  options.target_path = "/fake/target.qcow2";
+  return options;
+}
+
+uint64_t Clusters(uint64_t size) { return (size + kClusterSize - 1) / kClusterSize; }
+
+class PipelineModes : public ::testing::TestWithParam<std::tuple<unsigned, bool, bool>> {};
+
+TEST_P(PipelineModes, WritesEveryNonZeroClusterOnceAndCountsConsistently) {
+  const auto [workers, out_of_order, compress] = GetParam();
+  // Not a multiple of the cluster size: the last cluster is padded.
+  const uint64_t size = 3 * (1 << 20) + 5 * 512;
+  Generated g = Generate(size, 42);
+  FakeSource source(g.bytes, g.data_ranges);
+  FakeImage image(size);
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, Options(size, out_of_order),
+                          Compressors(workers, compress), &totals)
+                  .ok());
+  EXPECT_EQ(image.Content(), g.bytes);
+  EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
+            Clusters(size));
+  EXPECT_EQ(totals.clusters_compressed + totals.clusters_uncompressed, image.write_order_.size());
+  EXPECT_EQ(totals.clusters_compressed, image.compressed_writes_);
+  if (compress) {
+    EXPECT_GT(totals.clusters_compressed, 0u);
+    EXPECT_GT(totals.clusters_uncompressed, 0u);  // the random clusters
+    EXPECT_GT(totals.compressed_bytes, 0u);
+  } else {
+    EXPECT_EQ(totals.clusters_compressed, 0u);
+    EXPECT_EQ(totals.compressed_bytes, 0u);
+  }
+  // Every byte is either skipped as zero or belongs to a written cluster.
+  uint64_t written_bytes = 0;
+  for (const auto& [offset, data] : image.clusters_) {
+    written_bytes += std::min<uint64_t>(kClusterSize, size - offset);
+  }
+  EXPECT_EQ(totals.zero_bytes_skipped + written_bytes, size);
+  // Holes are not read.
+  uint64_t data_bytes = 0;
+  for (const ByteRange& r : g.data_ranges) data_bytes += r.length;
+  EXPECT_EQ(totals.bytes_read, data_bytes);
+  if (!out_of_order) {
+    EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, PipelineModes,
+                         ::testing::Combine(::testing::Values(1u, 4u), ::testing::Bool(),
+                                            ::testing::Bool()));
+
+TEST(PipelineTest, AlignedReadsForSmallClustersOnADirectSource) {
+  // 512-byte clusters, 4096-byte source alignment: reads widen to whole aligned blocks.
+  const uint64_t size = 1 << 20;
+  std::vector<uint8_t> bytes(size, 0);
+  for (uint64_t i = 10000; i < 10100; ++i) bytes[i] = 7;
+  for (uint64_t i = 700000; i < 700001; ++i) bytes[i] = 9;
+  FakeSource source(bytes, {{10000, 100}, {700000, 1}}, 4096);
+  FakeImage image(size);
+  PipelineOptions options = Options(size, true);
+  options.cluster_size = 512;
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, options, Compressors(2, false), &totals).ok());
+  EXPECT_EQ(image.Content(), bytes);
+  EXPECT_EQ(totals.clusters_uncompressed, 2u);
+  EXPECT_EQ(totals.clusters_zero, size / 512 - 2);
+  EXPECT_EQ(totals.bytes_read, 2u * 4096);
+}
+
+TEST(PipelineTest, HugeSparseSourceReadsOnlyItsData) {
+  const uint64_t size = uint64_t{1} << 40;  // 1 TiB, data only in the first few MiB
+  Generated g = Generate(2 << 20, 7);
+  FakeSource source(g.bytes, g.data_ranges, 1, size);
+  FakeImage image(2 << 20);  // only the written part is compared
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, Options(size, true), Compressors(2, true), &totals).ok());
+  uint64_t data_bytes = 0;
+  for (const ByteRange& r : g.data_ranges) data_bytes += r.length;
+  EXPECT_EQ(totals.bytes_read, data_bytes);
+  EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
+            Clusters(size));
+  EXPECT_EQ(image.Content(), g.bytes);
+}
+
+TEST(PipelineTest, ProgressReachesTheTotal) {
+  const uint64_t size = 1 << 20;
+  Generated g = Generate(size, 3);
+  FakeSource source(g.bytes, g.data_ranges);
+  FakeImage image(size);
+  PipelineOptions options = Options(size, true);
+  ConvertProgress last;
+  int calls = 0;
+  options.progress = [&](const ConvertProgress& p) {
+    EXPECT_LE(p.bytes_done, p.bytes_total);
+    EXPECT_GE(p.bytes_done, last.bytes_done);
+    last = p;
+    ++calls;
+  };
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, options, Compressors(2, true), &totals).ok());
+  EXPECT_GE(calls, 1);
+  EXPECT_EQ(last.bytes_done, size);
+  EXPECT_EQ(last.bytes_total, size);
+}
+
+class PipelineFailure : public ::testing::TestWithParam<std::tuple<unsigned, bool>> {};
+
+TEST_P(PipelineFailure, ImageWriteErrorStopsEverything) {
+  const auto [workers, out_of_order] = GetParam();
+  const uint64_t size = 8 << 20;
+  std::vector<uint8_t> bytes(size, 'x');
+  FakeSource source(bytes, {{0, size}});
+  FakeImage image(size);
+  image.fail_write_ = 5;
+  PipelineTotals totals;
+  Status status =
+      RunPipeline(source, image, Options(size, out_of_order), Compressors(workers, true), &totals);
+  EXPECT_EQ(status.code(), Status::Code::kNoSpace) << status.ToString();
+  EXPECT_NE(status.message().find("/fake/target.qcow2"), std::string::npos);
+  EXPECT_EQ(image.write_order_.size(), 4u);
+}
+
+TEST_P(PipelineFailure, SourceReadErrorStopsEverything) {
+  const auto [workers, out_of_order] = GetParam();
+  const uint64_t size = 16 << 20;
+  std::vector<uint8_t> bytes(size, 'y');
+  FakeSource source(bytes, {{0, size}});
+  source.fail_read_ = 3;
+  FakeImage image(size);
+  PipelineTotals totals;
+  Status status =
+      RunPipeline(source, image, Options(size, out_of_order), Compressors(workers, true), &totals);
+  EXPECT_EQ(status.code(), Status::Code::kIOError) << status.ToString();
+  EXPECT_NE(status.message().find("/fake/source.raw"), std::string::npos);
+  EXPECT_LT(image.write_order_.size(), size / kClusterSize);
+}
+
+TEST_P(PipelineFailure, CancelMidWayReturnsInterrupted) {
+  const auto [workers, out_of_order] = GetParam();
+  const uint64_t size = 16 << 20;
+  Generated g = Generate(size, 11);
+  FakeSource source(g.bytes, g.data_ranges);
+  FakeImage image(size);
+  std::atomic<bool> cancel{false};
+  image.cancel_after_writes_flag_ = &cancel;
+  image.cancel_after_writes_ = 3;
+  PipelineOptions options = Options(size, out_of_order);
+  options.cancel = &cancel;
+  PipelineTotals totals;
+  Status status = RunPipeline(source, image, options, Compressors(workers, true), &totals);
+  EXPECT_EQ(status.code(), Status::Code::kInterrupted) << status.ToString();
+  EXPECT_LT(image.write_order_.size(), size / kClusterSize);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, PipelineFailure,
+                         ::testing::Combine(::testing::Values(1u, 4u), ::testing::Bool()));
+
+TEST(PipelineTest, CancelledBeforeStartWritesNothing) {
+  const uint64_t size = 1 << 20;
+  std::vector<uint8_t> bytes(size, 'z');
+  FakeSource source(bytes, {{0, size}});
+  FakeImage image(size);
+  std::atomic<bool> cancel{true};
+  PipelineOptions options = Options(size, true);
+  options.cancel = &cancel;
+  PipelineTotals totals;
+  Status status = RunPipeline(source, image, options, Compressors(2, true), &totals);
+  EXPECT_EQ(status.code(), Status::Code::kInterrupted);
+  EXPECT_TRUE(image.write_order_.empty());
+}
+
+}  // namespace
+}  // namespace zqcow::convert
