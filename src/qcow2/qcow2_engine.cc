@@ -1,0 +1,435 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// Qcow2Image: construction, reads, writes, zeroes, discard, map.
+
+#include "qcow2/qcow2_engine.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+
+#include "codec/codec.h"
+#include "format/endian.h"
+#include "format/refcount.h"
+
+namespace zqcow::qcow2 {
+
+namespace {
+
+using format::GuestCluster;
+using format::HostCluster;
+using format::HostOffset;
+using format::L2Entry;
+
+CompressedWriteCache::Options CacheOptions(const IoOptions& io, bool direct_io,
+                                           uint64_t cluster_size) {
+  CompressedWriteCache::Options options;
+  switch (io.write_cache) {
+    case IoOptions::WriteCache::kOn: options.enabled = true; break;
+    case IoOptions::WriteCache::kOff: options.enabled = false; break;
+    case IoOptions::WriteCache::kAuto: options.enabled = direct_io; break;
+  }
+  options.max_clusters = std::max<size_t>(1, io.write_cache_bytes / cluster_size);
+  options.drop_page_cache = io.drop_page_cache;
+  return options;
+}
+
+// One decompressor per thread and compression type.
+codec::Decompressor* ThreadDecompressor(Compression type) {
+  thread_local std::array<std::unique_ptr<codec::Decompressor>, 2> decompressors;
+  auto& slot = decompressors[static_cast<size_t>(type) & 1];
+  if (!slot) slot = codec::MakeDecompressor(static_cast<codec::CompressionType>(type));
+  return slot.get();
+}
+
+}  // namespace
+
+Qcow2Image::Qcow2Image(Parts parts)
+    : path_(parts.file->path()),
+      file_(std::move(parts.file)),
+      header_(std::move(parts.header)),
+      geometry_{header_.cluster_bits},
+      cluster_size_(geometry_.cluster_size()),
+      writable_(parts.writable),
+      file_size_at_open_(parts.file_size),
+      header_cluster_(std::move(parts.header_cluster)) {
+  write_cache_ = CompressedWriteCache::Create(
+      file_.get(), static_cast<uint32_t>(cluster_size_),
+      CacheOptions(parts.io, file_->direct_io(), cluster_size_));
+  metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
+                                                    static_cast<uint32_t>(cluster_size_));
+  cluster_map_ = std::make_unique<ClusterMap>(file_.get(), metadata_cache_.get(), geometry_,
+                                              parts.l1_offset, header_.l1_size,
+                                              std::move(parts.l1));
+  if (writable_) {
+    format::RefcountGeometry refcount_geometry{header_.cluster_bits, header_.refcount_order};
+    refcounts_ = std::make_unique<Refcounts>(
+        file_.get(), metadata_cache_.get(), refcount_geometry, parts.refcount_table_offset,
+        parts.refcount_table_clusters, std::move(parts.refcount_table), parts.next_free);
+    allocator_ =
+        std::make_unique<CompressedAllocator>(geometry_, refcounts_.get(), write_cache_.get());
+  }
+}
+
+Qcow2Image::~Qcow2Image() { (void)Close(); }
+
+ImageInfo Qcow2Image::Info() const {
+  ImageInfo info;
+  info.path = path_;
+  info.version = header_.version;
+  info.virtual_size = header_.size;
+  info.cluster_size = static_cast<uint32_t>(cluster_size_);
+  info.refcount_bits = 1u << header_.refcount_order;
+  info.compression = static_cast<Compression>(header_.compression_type);
+  std::lock_guard lock(mutex_);
+  if (file_) {
+    auto size = file_->Size();
+    info.file_size = size.ok() ? *size : 0;
+  }
+  if (header_.version >= 3) {
+    uint64_t incompatible = format::LoadBE64(header_cluster_.data() + kHeaderIncompatibleFeatures);
+    info.dirty = (incompatible & format::kIncompatDirty) != 0;
+    info.corrupt = (incompatible & format::kIncompatCorrupt) != 0;
+  }
+  return info;
+}
+
+Status Qcow2Image::Error(const std::string& what) const {
+  return Status::InvalidArgument(path_ + ": " + what);
+}
+
+Status Qcow2Image::CheckRange(uint64_t guest_offset, uint64_t length) const {
+  if (guest_offset > header_.size || length > header_.size - guest_offset) {
+    return Error("guest range [" + std::to_string(guest_offset) + ", +" +
+                 std::to_string(length) + ") is beyond the virtual size " +
+                 std::to_string(header_.size));
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::CheckWritableLocked() const {
+  if (closed_) return Error("image is closed");
+  if (!writable_) return Error("image is open read-only");
+  return failed_;
+}
+
+Status Qcow2Image::FailLocked(const Status& status) {
+  if (failed_.ok() && !status.ok()) failed_ = status;
+  return status;
+}
+
+Status Qcow2Image::Fail(const Status& status) {
+  std::lock_guard lock(mutex_);
+  return FailLocked(status);
+}
+
+uint64_t Qcow2Image::HostLimitLocked() const {
+  if (refcounts_) return refcounts_->next_free().value() * cluster_size_;
+  return io::AlignUp(file_size_at_open_, cluster_size_);
+}
+
+Result<L2Entry> Qcow2Image::Decode(uint64_t raw) const {
+  auto entry = format::DecodeL2Entry(raw, geometry_);
+  if (!entry.ok()) return entry.status().WithPrefix(path_);
+  return entry;
+}
+
+// ----------------------------------------------------------------------------- reads
+
+Status Qcow2Image::ReadCompressed(const L2Entry& entry, std::span<uint8_t> cluster) {
+  std::vector<uint8_t> compressed(entry.compressed_span);
+  ZQ_RETURN_IF_ERROR(write_cache_->Read(entry.host_offset.value(), compressed));
+  Status s = ThreadDecompressor(compression())->Decompress(compressed, cluster);
+  if (!s.ok()) {
+    char where[64];
+    snprintf(where, sizeof(where), "compressed cluster at host offset 0x%llx",
+             static_cast<unsigned long long>(entry.host_offset.value()));
+    return s.WithPrefix(path_ + ": " + where);
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out) {
+  ZQ_ASSIGN_OR_RETURN(L2Entry entry, Decode(raw));
+  switch (entry.kind) {
+    case L2Entry::Kind::kUnallocated:
+    case L2Entry::Kind::kZero:
+      std::memset(out.data(), 0, out.size());
+      return Status::OK();
+    case L2Entry::Kind::kCompressed: {
+      io::AlignedBuffer cluster(cluster_size_);
+      ZQ_RETURN_IF_ERROR(ReadCompressed(entry, cluster.span()));
+      std::memcpy(out.data(), cluster.data() + in_cluster, out.size());
+      return Status::OK();
+    }
+    case L2Entry::Kind::kNormal:
+      break;
+  }
+  uint64_t host = entry.host_offset.value() + in_cluster;
+  if (!file_->direct_io()) {
+    return file_->ReadAt(host, out.data(), out.size()).status();
+  }
+  uint64_t alignment = file_->alignment();
+  uint64_t begin = io::AlignDown(host, alignment);
+  uint64_t end = io::AlignUp(host + out.size(), alignment);
+  io::AlignedBuffer bounce(end - begin, std::max<size_t>(alignment, io::kBufferAlignment));
+  ZQ_RETURN_IF_ERROR(file_->ReadAt(begin, bounce.data(), end - begin).status());
+  std::memcpy(out.data(), bounce.data() + (host - begin), out.size());
+  return Status::OK();
+}
+
+Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, out.size()));
+  uint64_t done = 0;
+  while (done < out.size()) {
+    uint64_t offset = guest_offset + done;
+    uint64_t in_cluster = geometry_.offset_in_cluster(offset);
+    uint64_t n = std::min<uint64_t>(out.size() - done, cluster_size_ - in_cluster);
+    GuestCluster cluster(offset >> geometry_.cluster_bits);
+    uint64_t raw = 0;
+    {
+      std::lock_guard lock(mutex_);
+      if (closed_) return Error("image is closed");
+      ZQ_ASSIGN_OR_RETURN(raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+    }
+    ZQ_RETURN_IF_ERROR(ReadFromEntry(raw, in_cluster, out.subspan(done, n)));
+    done += n;
+  }
+  return Status::OK();
+}
+
+// ----------------------------------------------------------------------------- writes
+
+Status Qcow2Image::ReplaceEntryLocked(GuestCluster cluster, uint64_t raw) {
+  uint64_t host_limit = HostLimitLocked();
+  ZQ_ASSIGN_OR_RETURN(uint64_t old_raw, cluster_map_->GetEntry(cluster, host_limit));
+  ZQ_RETURN_IF_ERROR(cluster_map_->SetEntry(cluster, raw, host_limit));
+  if (old_raw == raw) return Status::OK();
+  ZQ_ASSIGN_OR_RETURN(L2Entry old, Decode(old_raw));
+  switch (old.kind) {
+    case L2Entry::Kind::kUnallocated:
+      break;
+    case L2Entry::Kind::kZero:
+    case L2Entry::Kind::kNormal:
+      if (old.host_offset.value() != 0) {
+        refcounts_->QueueDecrement(geometry_.host_cluster(old.host_offset));
+      }
+      break;
+    case L2Entry::Kind::kCompressed: {
+      format::HostClusterRange range = format::CompressedHostClusters(old, geometry_);
+      for (HostCluster c = range.first; c <= range.last; c = c + 1) {
+        refcounts_->QueueDecrement(c);
+      }
+      break;
+    }
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
+                                   std::span<const uint8_t> data) {
+  uint64_t old_raw = 0;
+  uint64_t host = 0;
+  bool in_place = false;
+  {
+    std::lock_guard lock(mutex_);
+    ZQ_RETURN_IF_ERROR(CheckWritableLocked());
+    ZQ_ASSIGN_OR_RETURN(old_raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+    ZQ_ASSIGN_OR_RETURN(L2Entry old, Decode(old_raw));
+    if (old.kind == L2Entry::Kind::kNormal && old.copied) {
+      in_place = true;
+      host = old.host_offset.value();
+    } else {
+      Status s = cluster_map_->EnsureL2(cluster, refcounts_.get());
+      if (s.ok()) {
+        auto allocated = refcounts_->Allocate(1);
+        s = allocated.status();
+        if (s.ok()) host = geometry_.host_offset(*allocated).value();
+      }
+      if (!s.ok()) return FailLocked(s);
+    }
+  }
+
+  // The whole cluster is written: old content below and above the new bytes is kept.
+  io::AlignedBuffer buffer(cluster_size_);
+  uint64_t cluster_start = cluster.value() << geometry_.cluster_bits;
+  uint64_t valid = std::min<uint64_t>(cluster_size_, header_.size - cluster_start);
+  if (in_cluster != 0 || data.size() < valid) {
+    Status s = ReadFromEntry(old_raw, 0, buffer.span().first(valid));
+    if (!s.ok()) return Fail(s);
+  }
+  std::memcpy(buffer.data() + in_cluster, data.data(), data.size());
+  Status s = file_->WriteAt(host, buffer.data(), cluster_size_);
+  if (!s.ok()) return Fail(s);
+  if (in_place) return Status::OK();
+
+  std::lock_guard lock(mutex_);
+  ZQ_RETURN_IF_ERROR(CheckWritableLocked());
+  s = ReplaceEntryLocked(cluster, format::EncodeNormalL2Entry(HostOffset(host), true));
+  if (s.ok()) s = MaybeFlushLocked();
+  return FailLocked(s);
+}
+
+Status Qcow2Image::Write(uint64_t guest_offset, std::span<const uint8_t> data) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, data.size()));
+  uint64_t done = 0;
+  while (done < data.size()) {
+    uint64_t offset = guest_offset + done;
+    uint64_t in_cluster = geometry_.offset_in_cluster(offset);
+    uint64_t n = std::min<uint64_t>(data.size() - done, cluster_size_ - in_cluster);
+    ZQ_RETURN_IF_ERROR(WriteOneCluster(GuestCluster(offset >> geometry_.cluster_bits),
+                                       in_cluster, data.subspan(done, n)));
+    done += n;
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, 1));
+  if (geometry_.offset_in_cluster(guest_offset) != 0) {
+    return Error("compressed write at guest offset " + std::to_string(guest_offset) +
+                 " is not cluster aligned");
+  }
+  if (compressed.empty() || compressed.size() >= cluster_size_) {
+    return Error("compressed cluster of " + std::to_string(compressed.size()) +
+                 " bytes (must be 1 .. cluster size - 1)");
+  }
+  GuestCluster cluster(guest_offset >> geometry_.cluster_bits);
+  HostOffset host;
+  {
+    std::lock_guard lock(mutex_);
+    ZQ_RETURN_IF_ERROR(CheckWritableLocked());
+    // The L2 table first, so its allocation cannot land between two compressed pieces.
+    Status s = cluster_map_->EnsureL2(cluster, refcounts_.get());
+    if (!s.ok()) return FailLocked(s);
+    auto allocated = allocator_->Allocate(compressed.size());
+    if (!allocated.ok()) return FailLocked(allocated.status());
+    host = *allocated;
+  }
+  // The data reaches the cache before the L2 entry points at it.
+  Status s = write_cache_->Write(host.value(), compressed);
+  if (!s.ok()) return Fail(s);
+
+  std::lock_guard lock(mutex_);
+  ZQ_RETURN_IF_ERROR(CheckWritableLocked());
+  s = ReplaceEntryLocked(cluster,
+                         format::EncodeCompressedL2Entry(host, compressed.size(), geometry_));
+  if (s.ok()) s = MaybeFlushLocked();
+  return FailLocked(s);
+}
+
+Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw) {
+  uint64_t cluster = first;
+  const uint64_t end = first + count;
+  const uint64_t per_l2 = geometry_.l2_entries();
+  while (cluster < end) {
+    uint64_t chunk_end = std::min(end, (cluster / per_l2 + 1) * per_l2);
+    std::lock_guard lock(mutex_);
+    ZQ_RETURN_IF_ERROR(CheckWritableLocked());
+    ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(GuestCluster(cluster)));
+    if (has_l2) {
+      for (uint64_t c = cluster; c < chunk_end; ++c) {
+        Status s = ReplaceEntryLocked(GuestCluster(c), raw);
+        if (!s.ok()) return FailLocked(s);
+      }
+      Status s = MaybeFlushLocked();
+      if (!s.ok()) return FailLocked(s);
+    }
+    cluster = chunk_end;
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteZeroes(uint64_t guest_offset, uint64_t length) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
+  const uint64_t end = guest_offset + length;
+  // Whole clusters: those fully inside the range; the last (partial) cluster of the image
+  // counts as whole when the range reaches the virtual size.
+  uint64_t first_whole = io::AlignUp(guest_offset, cluster_size_);
+  uint64_t end_whole = end == header_.size ? io::AlignUp(end, cluster_size_)
+                                           : io::AlignDown(end, cluster_size_);
+  std::vector<uint8_t> zeros;
+  auto write_zeros = [&](uint64_t from, uint64_t to) -> Status {
+    if (from >= to) return Status::OK();
+    zeros.assign(to - from, 0);
+    return Write(from, zeros);
+  };
+  if (first_whole >= end_whole) return write_zeros(guest_offset, end);
+  ZQ_RETURN_IF_ERROR(write_zeros(guest_offset, first_whole));
+  ZQ_RETURN_IF_ERROR(write_zeros(std::min(end_whole, end), end));
+  uint64_t raw = header_.version >= 3 ? format::EncodeZeroL2Entry() : 0;
+  return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
+                              (end_whole - first_whole) >> geometry_.cluster_bits, raw);
+}
+
+Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
+  const uint64_t end = guest_offset + length;
+  uint64_t first_whole = io::AlignUp(guest_offset, cluster_size_);
+  uint64_t end_whole = end == header_.size ? io::AlignUp(end, cluster_size_)
+                                           : io::AlignDown(end, cluster_size_);
+  if (first_whole >= end_whole) return Status::OK();
+  return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
+                              (end_whole - first_whole) >> geometry_.cluster_bits,
+                              format::EncodeUnallocatedL2Entry());
+}
+
+// ----------------------------------------------------------------------------- map
+
+Result<std::vector<MapExtent>> Qcow2Image::Map(uint64_t guest_offset, uint64_t length) {
+  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
+  std::vector<MapExtent> extents;
+  auto add = [&](uint64_t offset, uint64_t len, MapExtent::Kind kind, uint64_t host) {
+    if (len == 0) return;
+    if (!extents.empty()) {
+      MapExtent& last = extents.back();
+      bool same = last.kind == kind && last.guest_offset + last.length == offset;
+      if (same && kind == MapExtent::Kind::kData) {
+        same = last.host_offset + last.length == host;
+      }
+      if (same) {
+        last.length += len;
+        return;
+      }
+    }
+    extents.push_back({offset, len, kind, host});
+  };
+  const uint64_t end = guest_offset + length;
+  const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
+  uint64_t offset = guest_offset;
+  while (offset < end) {
+    GuestCluster cluster(offset >> geometry_.cluster_bits);
+    uint64_t in_cluster = geometry_.offset_in_cluster(offset);
+    std::lock_guard lock(mutex_);
+    if (closed_) return Error("image is closed");
+    ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
+    if (!has_l2) {
+      uint64_t next = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes);
+      add(offset, next - offset, MapExtent::Kind::kUnallocated, 0);
+      offset = next;
+      continue;
+    }
+    ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+    ZQ_ASSIGN_OR_RETURN(L2Entry entry, Decode(raw));
+    uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
+    switch (entry.kind) {
+      case L2Entry::Kind::kUnallocated:
+        add(offset, n, MapExtent::Kind::kUnallocated, 0);
+        break;
+      case L2Entry::Kind::kZero:
+        add(offset, n, MapExtent::Kind::kZero, 0);
+        break;
+      case L2Entry::Kind::kNormal:
+        add(offset, n, MapExtent::Kind::kData, entry.host_offset.value() + in_cluster);
+        break;
+      case L2Entry::Kind::kCompressed:
+        add(offset, n, MapExtent::Kind::kCompressed, entry.host_offset.value());
+        break;
+    }
+    offset += n;
+  }
+  return extents;
+}
+
+}  // namespace zqcow::qcow2

@@ -1,0 +1,149 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The image engine: zqcow::Image over one io::File. Created by CreateImageOnFile /
+// OpenImageOnFile (qcow2_create.cc, qcow2_open.cc).
+//
+// Locking: one metadata mutex guards the L1 table, the metadata cache (L2 tables and
+// refcount blocks), the refcounts, the compressed allocator, the header and the error
+// state. Data I/O (normal cluster reads/writes, compressed write cache writes and reads)
+// runs outside it. Flush runs entirely under it.
+//
+// Ordering of a write: allocate under the lock (refcount +1 first), write the data outside
+// it, then set the L2 entry under the lock. So an L2 entry in memory always points at data
+// that has been handed to the file (or to the write cache). References dropped by an L2
+// change are released by a DEFERRED decrement, applied only after the L2 change is on disk
+// (see Flush order in qcow2_flush.cc): a crash leaves leaks, never a reference to a cluster
+// whose refcount on disk is 0.
+
+#ifndef ZQCOW_QCOW2_QCOW2_ENGINE_H_
+#define ZQCOW_QCOW2_QCOW2_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "format/entries.h"
+#include "format/header.h"
+#include "format/types.h"
+#include "io/aligned_buffer.h"
+#include "io/file.h"
+#include "qcow2/cluster_map.h"
+#include "qcow2/compressed_allocator.h"
+#include "qcow2/compressed_write_cache.h"
+#include "qcow2/metadata_cache.h"
+#include "qcow2/refcounts.h"
+#include "zqcow/image.h"
+
+namespace zqcow::qcow2 {
+
+// Header field offsets the engine patches in place in its copy of cluster 0 (v3 only for
+// the feature fields).
+inline constexpr size_t kHeaderRefcountTableOffset = 48;
+inline constexpr size_t kHeaderRefcountTableClusters = 56;
+inline constexpr size_t kHeaderIncompatibleFeatures = 72;
+inline constexpr size_t kHeaderAutoclearFeatures = 88;
+
+// Deferred decrements above this many force a flush (bounds their memory).
+inline constexpr size_t kMaxPendingDecrements = size_t{1} << 16;
+
+class Qcow2Image final : public Image {
+ public:
+  struct Parts {
+    std::unique_ptr<io::File> file;
+    format::Header header;
+    io::AlignedBuffer header_cluster;  // cluster 0 as on disk (or to be written)
+    bool writable = false;
+    IoOptions io;
+    uint64_t l1_offset = 0;
+    io::AlignedBuffer l1;  // whole clusters
+    uint64_t refcount_table_offset = 0;
+    uint32_t refcount_table_clusters = 0;
+    io::AlignedBuffer refcount_table;    // whole clusters (writable only)
+    format::HostCluster next_free;       // writable only
+    uint64_t file_size = 0;              // at open
+  };
+
+  explicit Qcow2Image(Parts parts);
+  ~Qcow2Image() override;
+
+  // Create: the structures exist in memory only; writes header, tables, syncs.
+  Status InitialFlush();
+  // Open writable: sets the dirty bit (v3) and clears autoclear bits; synced.
+  Status MarkOpenForWriting();
+  // Refcounts (for create: referencing the clusters laid out by hand).
+  Refcounts* refcounts() { return refcounts_.get(); }
+
+  ImageInfo Info() const override;
+  uint64_t virtual_size() const override { return header_.size; }
+  uint32_t cluster_size() const override { return static_cast<uint32_t>(cluster_size_); }
+  Compression compression() const override {
+    return static_cast<Compression>(header_.compression_type);
+  }
+
+  Status Read(uint64_t guest_offset, std::span<uint8_t> out) override;
+  Status Write(uint64_t guest_offset, std::span<const uint8_t> data) override;
+  Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) override;
+  Status WriteZeroes(uint64_t guest_offset, uint64_t length) override;
+  Status Discard(uint64_t guest_offset, uint64_t length) override;
+  Result<std::vector<MapExtent>> Map(uint64_t guest_offset, uint64_t length) override;
+  Status Flush() override;
+  Status Close() override;
+  Status CloseIncomplete() override;
+
+ private:
+  // --- qcow2_engine.cc: data paths ---
+  Status CheckRange(uint64_t guest_offset, uint64_t length) const;
+  Status CheckWritableLocked() const;
+  // Reads [in_cluster, in_cluster + out.size()) of the cluster that `raw` describes.
+  Status ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out);
+  Status ReadCompressed(const format::L2Entry& entry, std::span<uint8_t> cluster);
+  Status WriteOneCluster(format::GuestCluster cluster, uint64_t in_cluster,
+                         std::span<const uint8_t> data);
+  // Sets the L2 entry of `cluster` to `raw` and releases what the old entry referenced.
+  Status ReplaceEntryLocked(format::GuestCluster cluster, uint64_t raw);
+  // Whole clusters [first, first+count) -> `raw` (zero or unallocated); skips clusters
+  // without an L2 table (they read as zeros already).
+  Status ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw);
+  uint64_t HostLimitLocked() const;
+  Result<format::L2Entry> Decode(uint64_t raw) const;
+  // Marks the image failed (first error wins) and returns the error.
+  Status Fail(const Status& status);
+  Status FailLocked(const Status& status);
+  Status Error(const std::string& what) const;
+
+  // --- qcow2_flush.cc ---
+  Status FlushLocked();
+  Status DoFlushLocked();
+  // After an operation: flush and trim if the metadata cache or the decrement queue is
+  // over its bound.
+  Status MaybeFlushLocked();
+  Status WriteHeaderLocked();
+  Status CloseLocked(bool clear_dirty);
+
+  const std::string path_;
+  std::unique_ptr<io::File> file_;
+  format::Header header_;
+  format::Geometry geometry_;
+  const uint64_t cluster_size_;
+  const bool writable_;
+  const uint64_t file_size_at_open_;
+  std::unique_ptr<CompressedWriteCache> write_cache_;
+
+  mutable std::mutex mutex_;
+  io::AlignedBuffer header_cluster_;
+  bool header_dirty_ = false;
+  std::unique_ptr<MetadataCache> metadata_cache_;
+  std::unique_ptr<Refcounts> refcounts_;  // writable only
+  std::unique_ptr<ClusterMap> cluster_map_;
+  std::unique_ptr<CompressedAllocator> allocator_;  // writable only
+  Status failed_;
+  bool closed_ = false;
+  Status close_status_;
+};
+
+}  // namespace zqcow::qcow2
+
+#endif  // ZQCOW_QCOW2_QCOW2_ENGINE_H_

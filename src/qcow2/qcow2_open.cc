@@ -1,0 +1,151 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// OpenImageOnFile: validates the header and every table location against the file size
+// before allocating memory for it (memory is bounded by the file size, never by a header
+// value alone), refuses what zqcow does not follow (backing files, snapshots, unknown
+// features), and finds the end of the used area for appending.
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include "format/endian.h"
+#include "format/header.h"
+#include "format/refcount.h"
+#include "qcow2/cluster_io.h"
+#include "qcow2/qcow2_engine.h"
+#include "qcow2/qcow2_image.h"
+
+namespace zqcow::qcow2 {
+
+namespace {
+
+constexpr uint64_t kMaxClusterSize = uint64_t{1} << format::kMaxClusterBits;
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+// The end of the used area according to the refcounts: one past the last cluster with a
+// nonzero refcount in the last refcount block that exists.
+Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,
+                               const format::RefcountGeometry& rg, uint64_t file_size) {
+  const format::Geometry g{rg.cluster_bits};
+  const uint64_t cluster_size = g.cluster_size();
+  for (uint64_t index = table.size() / 8; index-- > 0;) {
+    auto decoded = format::DecodeRefcountTableEntry(format::LoadBE64(table.data() + index * 8), g);
+    if (!decoded.ok()) return decoded.status().WithPrefix(file->path());
+    uint64_t offset = decoded->value();
+    if (offset == 0) continue;
+    if (offset + cluster_size > io::AlignUp(file_size, cluster_size)) {
+      return Status::Corruption(file->path() + ": refcount block " + std::to_string(index) +
+                                " at offset " + Hex(offset) + " lies past the end of the file");
+    }
+    ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer block, ReadTable(file, offset, cluster_size));
+    for (uint64_t entry = rg.block_entries(); entry-- > 0;) {
+      if (format::GetRefcount(block.span(), entry, rg.refcount_order) != 0) {
+        return ((index << rg.block_entry_bits()) + entry + 1) * cluster_size;
+      }
+    }
+  }
+  return uint64_t{0};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
+                                               const OpenOptions& options) {
+  const std::string path = file->path();
+  ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
+  const uint64_t head_bytes = std::min(file_size, kMaxClusterSize);
+  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer head,
+                      ReadTable(file.get(), 0, io::AlignUp(std::max<uint64_t>(head_bytes, 1), io::kBufferAlignment)));
+  auto parsed = format::ParseHeader(head.span().first(head_bytes), file_size);
+  if (!parsed.ok()) return parsed.status().WithPrefix(path);
+  format::Header header = std::move(parsed).value();
+
+  if (header.backing_file_offset != 0 || !header.backing_file.empty()) {
+    return Status::NotSupported(path + ": backing files are not followed (backing file '" +
+                                header.backing_file + "')");
+  }
+  if (header.nb_snapshots != 0) {
+    return Status::NotSupported(path + ": images with internal snapshots are not supported");
+  }
+  if (header.crypt_method != 0) {
+    return Status::NotSupported(path + ": encrypted images are not supported");
+  }
+  if ((header.incompatible_features & ~format::kIncompatSupported) != 0) {
+    return Status::NotSupported(path + ": unknown incompatible features " +
+                                Hex(header.incompatible_features & ~format::kIncompatSupported));
+  }
+  const uint64_t cluster_size = header.cluster_size();
+  if (options.writable) {
+    if (header.incompatible_features & format::kIncompatCorrupt) {
+      return Status::Corruption(path + ": image is marked corrupt; repair it before writing");
+    }
+    if ((header.incompatible_features & format::kIncompatDirty) &&
+        (header.compatible_features & format::kCompatLazyRefcounts)) {
+      return Status::NotSupported(path + ": image has lazy refcounts and was not closed "
+                                         "cleanly; repair it (qemu-img check -r all) first");
+    }
+  }
+  if (file->direct_io() && file->alignment() > cluster_size) {
+    return Status::NotSupported(path + ": O_DIRECT needs " + std::to_string(file->alignment()) +
+                                "-byte alignment, larger than the cluster size " +
+                                std::to_string(cluster_size));
+  }
+
+  format::Geometry geometry{header.cluster_bits};
+  if (header.l1_size < geometry.l1_size_for(header.size)) {
+    return Status::Corruption(path + ": L1 table of " + std::to_string(header.l1_size) +
+                              " entries is too small for virtual size " +
+                              std::to_string(header.size));
+  }
+  const uint64_t l1_bytes = io::AlignUp(std::max<uint64_t>(uint64_t{header.l1_size} * 8, 1), cluster_size);
+  if (header.l1_table_offset % cluster_size != 0 ||
+      header.l1_table_offset + uint64_t{header.l1_size} * 8 > file_size) {
+    return Status::Corruption(path + ": L1 table at offset " + Hex(header.l1_table_offset) +
+                              " with " + std::to_string(header.l1_size) +
+                              " entries lies past the end of the file");
+  }
+  const uint64_t table_bytes = uint64_t{header.refcount_table_clusters} * cluster_size;
+  if (header.refcount_table_clusters == 0 || header.refcount_table_offset % cluster_size != 0 ||
+      header.refcount_table_offset + table_bytes > io::AlignUp(file_size, cluster_size)) {
+    return Status::Corruption(path + ": refcount table at offset " +
+                              Hex(header.refcount_table_offset) + " (" +
+                              std::to_string(header.refcount_table_clusters) +
+                              " clusters) lies past the end of the file");
+  }
+  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer l1, ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer header_cluster, ReadTable(file.get(), 0, cluster_size));
+
+  Qcow2Image::Parts parts;
+  parts.writable = options.writable;
+  parts.io = options.io;
+  parts.l1_offset = header.l1_table_offset;
+  parts.l1 = std::move(l1);
+  parts.file_size = file_size;
+  if (options.writable) {
+    ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer table,
+                        ReadTable(file.get(), header.refcount_table_offset, table_bytes));
+    format::RefcountGeometry rg{header.cluster_bits, header.refcount_order};
+    ZQ_ASSIGN_OR_RETURN(uint64_t refcounted_end, RefcountedEnd(file.get(), table, rg, file_size));
+    uint64_t end = std::max({io::AlignUp(file_size, cluster_size), refcounted_end,
+                             header.l1_table_offset + l1_bytes,
+                             header.refcount_table_offset + table_bytes});
+    parts.refcount_table_offset = header.refcount_table_offset;
+    parts.refcount_table_clusters = header.refcount_table_clusters;
+    parts.refcount_table = std::move(table);
+    parts.next_free = format::HostCluster(end / cluster_size);
+  }
+  parts.file = std::move(file);
+  parts.header = std::move(header);
+  parts.header_cluster = std::move(header_cluster);
+  auto image = std::make_unique<Qcow2Image>(std::move(parts));
+  if (options.writable) ZQ_RETURN_IF_ERROR(image->MarkOpenForWriting());
+  return std::unique_ptr<Image>(std::move(image));
+}
+
+}  // namespace zqcow::qcow2
