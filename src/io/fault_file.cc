@@ -88,7 +88,8 @@ struct FaultController::Impl {
     record.offset = begin;
     record.old_size = old_size;
     if (end > begin) {
-      record.old_bytes = AlignedBuffer(static_cast<size_t>(end - begin));
+      record.old_bytes = AlignedBuffer(static_cast<size_t>(end - begin),
+                                       std::max(alignment, kBufferAlignment));
       Result<size_t> read = file->ReadAt(begin, record.old_bytes.data(), record.old_bytes.size());
       if (!read.ok()) return read.status().WithPrefix("fault injection: saving old contents");
     }

@@ -71,15 +71,21 @@ struct FileOptions {
   bool exclusive = false;  // with create: fail with kAlreadyExists if it exists (O_EXCL)
   bool truncate = false;   // O_TRUNC
   bool direct_io = false;  // O_DIRECT
-  bool use_io_uring = true;  // batches go through io_uring when the kernel allows it
+  // Batches go through io_uring when the kernel allows it (one ring per calling thread);
+  // otherwise, or when false, they run one transfer after another.
+  bool use_io_uring = true;
 };
 
 // Opens a regular file or block device. With direct_io, discovers the alignment through
 // statx(STATX_DIOALIGN), then BLKSSZGET for block devices, falling back to 4096; fails with
-// a clear error when the file system refuses O_DIRECT.
+// kNotSupported naming the path when the file system refuses O_DIRECT. Other failures map
+// errno to a code (ENOENT -> kNotFound, EEXIST -> kAlreadyExists, ...) with a message
+// "<path>: open failed: <strerror>". REQUIRES: truncate only together with writable.
 Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOptions& options);
 
-// True when io_uring can be set up in this process (probed once).
+// True when io_uring can be set up in this process (probed once). ZQCOW_DISABLE_IO_URING=1
+// in the environment makes it false (read on every call), so tests and users can force the
+// plain loop; the results are the same either way.
 bool IoUringAvailable();
 
 }  // namespace zqcow::io

@@ -311,6 +311,20 @@ TEST(PosixFileTest, OpenErrorsNameThePath) {
   EXPECT_NE(file.status().message().find(dir.path()), std::string::npos);
 }
 
+TEST(PosixFileTest, DirectIoRefusedByFileSystemIsNotSupported) {
+  // procfs refuses O_DIRECT at open with EINVAL, like any file system without direct I/O.
+  const std::string path = "/proc/version";
+  FileOptions options;
+  options.direct_io = true;
+  Result<std::unique_ptr<File>> file = OpenFile(path, options);
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), Status::Code::kNotSupported);
+  EXPECT_NE(file.status().message().find(path), std::string::npos) << file.status().message();
+  EXPECT_NE(file.status().message().find("O_DIRECT"), std::string::npos);
+  options.direct_io = false;
+  EXPECT_TRUE(OpenFile(path, options).ok());
+}
+
 TEST(PosixFileTest, WriteToReadOnlyFileFails) {
   TempDir dir;
   const std::string path = dir.File("readonly.bin");

@@ -117,6 +117,10 @@ class BatchRun {
         to_submit_.pop_front();
         ++in_flight;
       }
+      if (in_flight == 0) {  // nothing could be queued: waiting would block forever
+        RequeueUnfinished();
+        return false;
+      }
       int rc = io_uring_submit_and_wait(ring, 1);
       if (rc < 0 && !IsRetryable(-rc) && -rc != EBUSY) {
         // Wait for what the kernel already took, then give up on this ring. Requests that
