@@ -21,16 +21,31 @@
 //
 // Memory: at most max_clusters clusters are held, except that a writer whose cluster lies
 // below every cached cluster is always admitted (so the oldest allocation can always finish
-// and progress is guaranteed, even with one worker); the bound is therefore
-// max_clusters + number of concurrent writers. Writers that must wait block on a condition
-// variable; nobody busy-loops.
+// and progress is guaranteed, even with one worker), and SetClusterEnd never waits for room;
+// the bound is therefore max_clusters + number of concurrent writers (+ clusters that only
+// received a SetClusterEnd). Writers that must wait block on a condition variable; nobody
+// busy-loops. The guarantee assumes what the image's workers do: each thread delivers its
+// own pieces in allocation order (one Write per compressed cluster, allocated just before),
+// and SetClusterEnd for a cluster comes before any piece of a later allocation.
+//
+// Clusters smaller than the file's alignment (e.g. 512-byte clusters on a 4096-byte O_DIRECT
+// device): the cache then works in alignment-sized blocks of several clusters. A block is
+// written when every cluster of it that received pieces (or a cluster end) is finished;
+// clusters of the block the cache never touched are read from the file first and written
+// back unchanged (read-modify-write), so the caller must not write those bytes (metadata)
+// concurrently with compressed data of the same block.
 //
 // Disabled mode (Options::enabled = false) writes every piece immediately: with pwrite on a
 // buffered file, or by an aligned read-modify-write (serialised per block) on an O_DIRECT
 // file — the slow path QEMU takes, kept so the difference can be measured.
 //
-// Threading: every method may be called from any thread at once.
-// Errors: the first failed write is sticky: every later Write/SetClusterEnd/Flush returns it.
+// Threading: every method may be called from any thread at once. File I/O never runs under
+// the cache's lock; a cluster being written stays readable from memory.
+// Errors: the first failed write is sticky: every later Write/SetClusterEnd/Flush/Read
+// returns it, and writers waiting for room are woken and return it. Caller bugs (a piece
+// beyond a cluster's data end, overlapping pieces as far as they can be seen) assert in debug
+// builds and return kInvalidArgument otherwise, without making the error sticky.
+// Destroying the cache drops whatever is cached: call Flush() first.
 
 #ifndef ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
 #define ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
@@ -72,12 +87,16 @@ class CompressedWriteCache {
 
   // Stores `data` at host byte offset `host_offset`. The range may cross into following
   // host clusters; it is split into one piece per host cluster. May block while the cache
-  // is full. Returns the sticky error if one happened.
+  // is full, or while Flush writes the same cluster. When the piece finishes its cluster,
+  // this call writes the cluster (one aligned write) before returning. Returns the sticky
+  // error if one happened (also for empty `data`).
   virtual Status Write(uint64_t host_offset, std::span<const uint8_t> data) = 0;
 
   // The allocator's word that host cluster `host_cluster_offset` (cluster-aligned) holds no
   // compressed data at or beyond `data_end` (1 .. cluster_size): no piece will arrive there.
-  // The cluster may then finish (and be written) before it is full.
+  // The cluster may then finish (and be written, by this call) before it is full. May come
+  // before or after the pieces; never waits for room. With data_end == cluster_size and
+  // nothing cached for the cluster it is a no-op.
   virtual Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) = 0;
 
   // Writes every cached cluster (finished ones whole; unfinished ones up to their received
@@ -88,11 +107,13 @@ class CompressedWriteCache {
 
   // Fills `out` with the bytes at host offset [host_offset, host_offset + out.size()): from
   // the cache where the cluster is cached or being written, from the file elsewhere (with a
-  // bounce buffer when the file is O_DIRECT, so any offset and length work).
+  // bounce buffer when the file is O_DIRECT, so any offset and length work). Bytes of a
+  // cached cluster that have not arrived read as zeros. Returns the sticky error if any.
   virtual Status Read(uint64_t host_offset, std::span<uint8_t> out) = 0;
 
   // Host cluster was freed (refcount reached 0): drop its cached bytes without writing
-  // them, and wait until a write of it that is in flight has finished.
+  // them, and wait until a write of it that is in flight has finished (so a stale write
+  // never lands after the cluster is reused). No-op when disabled.
   virtual void Discard(uint64_t host_cluster_offset) = 0;
 
   // The sticky error, OK if none.
