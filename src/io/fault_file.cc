@@ -88,8 +88,8 @@ struct FaultController::Impl {
     record.offset = begin;
     record.old_size = old_size;
     if (end > begin) {
-      record.old_bytes = AlignedBuffer(static_cast<size_t>(end - begin),
-                                       std::max(alignment, kBufferAlignment));
+      record.old_bytes =
+          AlignedBuffer(static_cast<size_t>(end - begin), std::max(alignment, kBufferAlignment));
       Result<size_t> read = file->ReadAt(begin, record.old_bytes.data(), record.old_bytes.size());
       if (!read.ok()) return read.status().WithPrefix("fault injection: saving old contents");
     }
@@ -145,8 +145,8 @@ Status FaultController::Crash() {
   for (auto record = undo_log.rbegin(); record != undo_log.rend(); ++record) {
     Status status;
     if (record->old_bytes.size() > 0) {
-      status = record->file->WriteAt(record->offset, record->old_bytes.data(),
-                                     record->old_bytes.size());
+      status =
+          record->file->WriteAt(record->offset, record->old_bytes.data(), record->old_bytes.size());
     }
     if (status.ok()) status = record->file->Truncate(record->old_size);
     if (!status.ok() && first_error.ok()) first_error = status.WithPrefix("crash simulation");

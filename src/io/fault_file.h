@@ -27,7 +27,8 @@ class FaultController {
   // The nth (1-based) operation of kind `op` from now on counted, and every later one of
   // that kind, fail with `err` (EIO, ENOSPC, ...). n = 0 disarms.
   void FailNth(Op op, uint64_t n, int err);
-  // Operations of that kind seen so far (batched requests count one each).
+  // Operations of that kind seen so far (batched requests count one each; requests of a
+  // batch after the one that failed are not attempted and not counted).
   uint64_t count(Op op) const;
   // Whether any fault injected by FailNth fired (failures after Crash() do not count).
   bool fired() const;

@@ -66,8 +66,7 @@ TEST(FaultFileTest, FailNthWriteFailsThatOneAndEveryLaterOne) {
   ASSERT_FALSE(third.ok());
   EXPECT_EQ(third.code(), Status::Code::kIOError);
   EXPECT_EQ(third.error_number(), EIO);
-  EXPECT_NE(third.message().find(path + ": write of 1 bytes at offset 3 failed"),
-            std::string::npos)
+  EXPECT_NE(third.message().find(path + ": write of 1 bytes at offset 3 failed"), std::string::npos)
       << third.message();
   EXPECT_TRUE(controller.fired());
   EXPECT_FALSE(file.WriteAt(4, &byte, 1).ok());
@@ -150,7 +149,8 @@ TEST(FaultFileTest, BatchRequestsCountOneEach) {
   EXPECT_EQ(wrapped.controller->count(Op::kWrite), 3u + kRequests);
   std::vector<uint8_t> back(kRequests * kLength);
   std::vector<IoRequest> reads;
-  for (size_t i = 0; i < kRequests; ++i) reads.push_back({i * kLength, &back[i * kLength], kLength});
+  for (size_t i = 0; i < kRequests; ++i)
+    reads.push_back({i * kLength, &back[i * kLength], kLength});
   ASSERT_TRUE(wrapped.file->ReadBatch(reads).ok());
   EXPECT_EQ(wrapped.controller->count(Op::kRead), kRequests);
   EXPECT_EQ(back[4 * kLength], 5);

@@ -105,8 +105,8 @@ class PosixFile final : public File {
   Status WriteAt(uint64_t offset, const void* buffer, size_t length) override {
     CheckDirectAlignment(target_, Direction::kWrite, offset, buffer, length);
     // TransferAll never writes into the buffer of a write.
-    Result<size_t> written = TransferAll(target_, Direction::kWrite, offset,
-                                         const_cast<void*>(buffer), length, 0);
+    Result<size_t> written =
+        TransferAll(target_, Direction::kWrite, offset, const_cast<void*>(buffer), length, 0);
     return written.status();
   }
 
@@ -156,8 +156,8 @@ class PosixFile final : public File {
         errno != ESPIPE && errno != EINVAL) {
       return Status::FromErrno(errno, path_ + ": sync_file_range failed");
     }
-    const int err = ::posix_fadvise(fd_, static_cast<off_t>(offset),
-                                    static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+    const int err = ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
+                                    POSIX_FADV_DONTNEED);
     if (err != 0 && err != ESPIPE) {
       return Status::FromErrno(err, path_ + ": posix_fadvise(DONTNEED) failed");
     }
@@ -179,8 +179,7 @@ class PosixFile final : public File {
     if (use_io_uring_ && IoUringAvailable()) {
       return UringTransferBatch(target_, direction, requests);
     }
-    return direction == Direction::kRead ? File::ReadBatch(requests)
-                                         : File::WriteBatch(requests);
+    return direction == Direction::kRead ? File::ReadBatch(requests) : File::WriteBatch(requests);
   }
 
   Result<uint64_t> Seek(uint64_t offset, int whence) {
@@ -188,9 +187,9 @@ class PosixFile final : public File {
     if (found >= 0) return static_cast<uint64_t>(found);
     const int err = errno;
     if (err != ENXIO && err != EINVAL && err != EOPNOTSUPP) {
-      return Status::FromErrno(
-          err, path_ + ": lseek(" + (whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE") + ", " +
-                   std::to_string(offset) + ") failed");
+      return Status::FromErrno(err, path_ + ": lseek(" +
+                                        (whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE") + ", " +
+                                        std::to_string(offset) + ") failed");
     }
     ZQ_ASSIGN_OR_RETURN(uint64_t size, Size());
     if (err == ENXIO) return size;  // at or past end of file: no more data, hole at EOF
@@ -231,9 +230,9 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
     const int err = errno;
     if (err == EINVAL && options.direct_io) {
       if (options.create && !existed) ::unlink(path.c_str());
-      return Status::NotSupported(path +
-                                  ": the file system does not support O_DIRECT (open failed: " +
-                                  std::strerror(err) + ")");
+      return Status::NotSupported(
+          path + ": the file system does not support O_DIRECT (open failed: " + std::strerror(err) +
+          ")");
     }
     return Status::FromErrno(err, path + ": open failed");
   }

@@ -24,8 +24,8 @@ Status TransferError(const TransferTarget& target, Direction direction, uint64_t
   std::string context = *target.path;
   context += ": ";
   context += DirectionName(direction);
-  context += " of " + std::to_string(length) + " bytes at offset " + std::to_string(offset) +
-             " failed";
+  context +=
+      " of " + std::to_string(length) + " bytes at offset " + std::to_string(offset) + " failed";
   return Status::FromErrno(err, context);
 }
 

@@ -79,8 +79,7 @@ bool IsRetryable(int err) { return err == EINTR || err == EAGAIN; }
 
 class BatchRun {
  public:
-  BatchRun(const TransferTarget& target, Direction direction,
-           std::span<const IoRequest> requests)
+  BatchRun(const TransferTarget& target, Direction direction, std::span<const IoRequest> requests)
       : target_(target),
         direction_(direction),
         requests_(requests),
