@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "codec/codec.h"
+#include "qcow2/image_test_util.h"
 #include "testing/test_util.h"
 #include "zqcow/image.h"
 
@@ -28,46 +29,10 @@ using testing::RunCommand;
 using testing::ShellQuote;
 using testing::TempDir;
 
-// A raw twin of the image: every write goes to both.
-class RawTwin {
- public:
-  RawTwin(const std::string& path, uint64_t size) : path_(path), data_(size, 0) {}
-  void Write(uint64_t offset, const std::vector<uint8_t>& bytes) {
-    std::copy(bytes.begin(), bytes.end(), data_.begin() + static_cast<ptrdiff_t>(offset));
-  }
-  void Zero(uint64_t offset, uint64_t length) {
-    std::fill_n(data_.begin() + static_cast<ptrdiff_t>(offset), length, 0);
-  }
-  void Save() const { testing::WriteWholeFile(path_, data_); }
-  const std::string& path() const { return path_; }
-  const std::vector<uint8_t>& data() const { return data_; }
-
- private:
-  std::string path_;
-  std::vector<uint8_t> data_;
-};
-
-codec::CompressionType CodecOf(Compression c) { return static_cast<codec::CompressionType>(c); }
-
-// Compresses one cluster (padded with zeros to the cluster size); empty when it does not
-// compress below the cluster size.
-std::vector<uint8_t> CompressCluster(codec::Compressor* compressor, std::vector<uint8_t> cluster,
-                                     uint32_t cluster_size) {
-  cluster.resize(cluster_size, 0);
-  std::vector<uint8_t> out(cluster_size - 1);
-  auto n = compressor->Compress(cluster, out);
-  EXPECT_TRUE(n.ok()) << n.status().ToString();
-  out.resize(n.ok() ? *n : 0);
-  return out;
-}
-
-void ExpectCleanAndEqual(const std::string& image, const RawTwin& raw) {
-  auto check = QemuImgCheck(image);
-  EXPECT_EQ(check.exit_code, 0) << check.output;
-  raw.Save();
-  auto compare = QemuImgCompare(raw.path(), "raw", image, "qcow2");
-  EXPECT_EQ(compare.exit_code, 0) << compare.output;
-}
+using qcow2::testing::CodecOf;
+using qcow2::testing::CompressCluster;
+using qcow2::testing::ExpectCleanAndEqual;
+using qcow2::testing::RawTwin;
 
 struct Params {
   uint32_t cluster_size;
