@@ -154,6 +154,39 @@ TEST(PosixFileTest, ReadPastEndOfFileZeroFills) {
   }
 }
 
+TEST(PosixFileTest, ReadBatchPastEndOfFileZeroFills) {
+  TempDir dir;
+  const std::string path = dir.File("short-batch.bin");
+  const std::vector<uint8_t> data = MakeData(DataKind::kRandom, 6000, 6);
+  WriteWholeFile(path, data);
+  constexpr size_t kLength = 8192;
+
+  for (bool direct : {false, true}) {
+    for (bool use_io_uring : {false, true}) {
+      SCOPED_TRACE(std::string(direct ? "direct" : "buffered") +
+                   (use_io_uring ? " io_uring" : " loop"));
+      FileOptions options;
+      options.direct_io = direct;
+      options.use_io_uring = use_io_uring;
+      auto file = Open(path, options);
+      ASSERT_NE(file, nullptr);
+      // Straddling end of file at an unaligned size, and wholly past it.
+      AlignedBuffer straddle(kLength);
+      AlignedBuffer past(kLength);
+      std::memset(straddle.data(), 0xAA, kLength);
+      std::memset(past.data(), 0xAA, kLength);
+      const std::vector<IoRequest> requests = {{4096, straddle.data(), kLength},
+                                               {16384, past.data(), kLength}};
+      Status status = file->ReadBatch(requests);
+      ASSERT_TRUE(status.ok()) << status.ToString();
+      const size_t from_file = data.size() - 4096;
+      EXPECT_EQ(std::memcmp(straddle.data(), data.data() + 4096, from_file), 0);
+      for (size_t i = from_file; i < kLength; ++i) ASSERT_EQ(straddle.data()[i], 0) << i;
+      for (size_t i = 0; i < kLength; ++i) ASSERT_EQ(past.data()[i], 0) << i;
+    }
+  }
+}
+
 TEST(PosixFileTest, NextDataAndNextHoleFindDataIsland) {
   TempDir dir;
   auto file = Open(dir.File("sparse.bin"), WriteOptions(false));
