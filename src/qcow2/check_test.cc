@@ -1,0 +1,485 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// The checker against `qemu-img check`: images made by qemu-img/qemu-io check clean with the
+// same figures, and damaged copies get the same verdict (exit code 0 clean, 2 corruption,
+// 3 leaks only).
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "format/endian.h"
+#include "format/entries.h"
+#include "format/header.h"
+#include "format/refcount.h"
+#include "format/types.h"
+#include "io/file.h"
+#include "qcow2/qcow2_image.h"
+#include "testing/test_util.h"
+#include "zqcow/image.h"
+
+namespace zqcow::qcow2 {
+namespace {
+
+using ::zqcow::testing::ReadWholeFile;
+using ::zqcow::testing::RunCommand;
+using ::zqcow::testing::ShellQuote;
+using ::zqcow::testing::TempDir;
+using ::zqcow::testing::WriteWholeFile;
+
+constexpr int kQemuClean = 0;
+constexpr int kQemuCorrupt = 2;
+constexpr int kQemuLeaks = 3;
+
+std::string Messages(const CheckResult& r) {
+  std::string out;
+  for (const auto& m : r.messages) out += m + "\n";
+  return out;
+}
+
+int Verdict(const CheckResult& r) {
+  return r.corruptions > 0 ? kQemuCorrupt : r.leaks > 0 ? kQemuLeaks : kQemuClean;
+}
+
+struct QemuCheck {
+  int exit_code = -1;
+  nlohmann::json json;
+  std::string output;
+};
+
+QemuCheck RunQemuCheck(const std::string& path) {
+  QemuCheck q;
+  auto r = RunCommand("qemu-img check --output=json " + ShellQuote(path) + " 2>/dev/null");
+  q.exit_code = r.exit_code;
+  q.output = r.output;
+  q.json = nlohmann::json::parse(r.output, nullptr, /*allow_exceptions=*/false);
+  return q;
+}
+
+uint64_t JsonOr0(const nlohmann::json& j, const char* key) {
+  return j.is_object() && j.contains(key) ? j[key].get<uint64_t>() : 0;
+}
+
+// zqcow's verdict equals qemu-img's; returns zqcow's result.
+CheckResult ExpectSameVerdict(const std::string& path, int expected_exit_code) {
+  QemuCheck qemu = RunQemuCheck(path);
+  EXPECT_EQ(qemu.exit_code, expected_exit_code) << "the test image is not what the test means: "
+                                                << qemu.output;
+  auto ours = CheckImage(path);
+  EXPECT_TRUE(ours.ok()) << ours.status().ToString();
+  if (!ours.ok()) return {};
+  EXPECT_EQ(Verdict(*ours), qemu.exit_code) << Messages(*ours) << "\nqemu: " << qemu.output;
+  return *ours;
+}
+
+// Runs commands, failing the test on a non-zero exit.
+void RunOrFail(const std::string& command) {
+  auto r = RunCommand(command);
+  ASSERT_EQ(r.exit_code, 0) << command << "\n" << r.output;
+}
+
+// The layout of an image read with the format module, for patching.
+struct Layout {
+  format::Header header;
+  format::Geometry geometry;
+  uint64_t l2_offset = 0;         // first L2 table
+  uint64_t refcount_block = 0;    // first refcount block
+};
+
+Layout ReadLayout(const std::vector<uint8_t>& file) {
+  Layout l;
+  auto h = format::ParseHeader(file, file.size());
+  EXPECT_TRUE(h.ok()) << h.status().ToString();
+  if (!h.ok()) return l;
+  l.header = *h;
+  l.geometry = format::Geometry{h->cluster_bits};
+  l.l2_offset = format::LoadBE64(&file[h->l1_table_offset]) & format::kEntryOffsetMask;
+  l.refcount_block = format::LoadBE64(&file[h->refcount_table_offset]);
+  return l;
+}
+
+uint64_t L2Raw(const std::vector<uint8_t>& file, const Layout& l, uint64_t index) {
+  return format::LoadBE64(&file[l.l2_offset + index * 8]);
+}
+void SetL2Raw(std::vector<uint8_t>& file, const Layout& l, uint64_t index, uint64_t raw) {
+  format::StoreBE64(&file[l.l2_offset + index * 8], raw);
+}
+std::span<uint8_t> RefcountBlock(std::vector<uint8_t>& file, const Layout& l) {
+  return {&file[l.refcount_block], l.geometry.cluster_size()};
+}
+
+// ---------------------------------------------------------------------------------------
+// Clean images.
+
+struct CleanCase {
+  std::string name;
+  std::string create_options;  // -o for qemu-img create
+  uint64_t virtual_size;
+  // qemu-io commands; "SRC<n>" is replaced by the path of a source file of n clusters with
+  // varied compressibility.
+  std::vector<std::string> io_commands;
+};
+
+std::vector<uint8_t> VariedData(uint64_t bytes, uint64_t cluster_size, uint64_t seed) {
+  std::vector<uint8_t> data(bytes, 0x5a);
+  for (uint64_t off = 0, i = 0; off < bytes; off += cluster_size, ++i) {
+    const uint64_t random_bytes = std::min(bytes - off, cluster_size * ((i + seed) % 4) / 4);
+    auto random = ::zqcow::testing::MakeData(::zqcow::testing::DataKind::kRandom, random_bytes,
+                                             seed * 1000 + i);
+    std::copy(random.begin(), random.end(), data.begin() + off);
+  }
+  return data;
+}
+
+class CleanImageTest : public ::testing::TestWithParam<CleanCase> {};
+
+TEST_P(CleanImageTest, ChecksCleanWithQemuFigures) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  const CleanCase& c = GetParam();
+  TempDir dir;
+  const std::string image = dir.File("img.qcow2");
+  RunOrFail("qemu-img create -q -f qcow2 -o " + c.create_options + " " + ShellQuote(image) + " " +
+      std::to_string(c.virtual_size));
+  auto info = ReadImageInfo(image);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  std::string commands;
+  int sources = 0;
+  for (std::string cmd : c.io_commands) {
+    const size_t at = cmd.find("SRC");
+    if (at != std::string::npos) {
+      const size_t end = cmd.find(' ', at);
+      const uint64_t bytes = std::stoull(cmd.substr(at + 3, end - at - 3));
+      const std::string source = dir.File("src" + std::to_string(sources));
+      WriteWholeFile(source, VariedData(bytes, info->cluster_size, ++sources));
+      cmd.replace(at, end - at, source);
+    }
+    commands += " -c " + ShellQuote(cmd);
+  }
+  if (!commands.empty()) RunOrFail("qemu-io -f qcow2" + commands + " " + ShellQuote(image));
+
+  QemuCheck qemu = RunQemuCheck(image);
+  ASSERT_EQ(qemu.exit_code, kQemuClean) << qemu.output;
+  auto ours = CheckImage(image);
+  ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+  EXPECT_EQ(ours->corruptions, 0u) << Messages(*ours);
+  EXPECT_EQ(ours->leaks, 0u) << Messages(*ours);
+  EXPECT_FALSE(ours->incomplete);
+  EXPECT_EQ(ours->allocated_clusters, JsonOr0(qemu.json, "allocated-clusters"));
+  EXPECT_EQ(ours->compressed_clusters, JsonOr0(qemu.json, "compressed-clusters"));
+  EXPECT_EQ(ours->image_end_offset, JsonOr0(qemu.json, "image-end-offset"));
+  EXPECT_TRUE(ours->messages.empty()) << Messages(*ours);
+}
+
+const CleanCase kCleanCases[] = {
+    {"empty", "cluster_size=65536", 64 << 20, {}},
+    {"normal_writes", "cluster_size=65536", 16 << 20,
+     {"write -P 0x11 0 256k", "write -P 0x22 1M 64k", "write -P 0x33 4000k 100k"}},
+    {"compressed_zlib", "cluster_size=65536", 16 << 20,
+     {"write -c -P 0x5a 0 64k", "write -c -s SRC1048576 1M 1M", "write -P 0x22 3M 64k"}},
+    {"compressed_zstd", "cluster_size=65536,compression_type=zstd", 16 << 20,
+     {"write -c -s SRC1048576 0 1M", "write -c -P 0x5a 2M 64k"}},
+    {"zero_and_discard", "cluster_size=65536", 16 << 20,
+     {"write -P 0x11 0 1M", "write -c -s SRC524288 2M 512k", "write -z 128k 128k",
+      "discard 512k 128k", "write -z 5M 64k", "discard 2M 64k", "write -z 2112k 64k"}},
+    {"preallocated_zero", "cluster_size=65536", 16 << 20,
+     {"write -P 0x11 0 256k", "write -z 64k 64k"}},
+    {"cluster_512", "cluster_size=512", 4 << 20,
+     {"write -c -s SRC32768 0 32k", "write -P 0x11 64k 4k", "write -c -P 0x5a 128k 8k"}},
+    {"cluster_4096", "cluster_size=4096", 8 << 20,
+     {"write -c -s SRC131072 0 128k", "write -P 0x11 1M 16k", "write -z 8k 8k"}},
+    {"cluster_2m", "cluster_size=2M", 32 << 20,
+     {"write -c -s SRC8388608 0 8M", "write -P 0x11 10M 2M", "write -c -P 0x5a 14M 2M"}},
+    {"refcount_bits_1", "cluster_size=4096,refcount_bits=1", 8 << 20,
+     {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
+    {"refcount_bits_16", "cluster_size=4096,refcount_bits=16", 8 << 20,
+     {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
+    {"refcount_bits_64", "cluster_size=4096,refcount_bits=64", 8 << 20,
+     {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
+    {"version_2", "cluster_size=65536,compat=0.10", 16 << 20,
+     {"write -c -s SRC524288 0 512k", "write -P 0x11 1M 64k", "discard 1M 64k"}},
+};
+
+INSTANTIATE_TEST_SUITE_P(Qemu, CleanImageTest, ::testing::ValuesIn(kCleanCases),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(CheckTest, ConvertedImageChecksClean) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  TempDir dir;
+  const std::string raw = dir.File("disk.raw");
+  const std::string image = dir.File("disk.qcow2");
+  ::zqcow::testing::WriteRawImage(raw, 8 << 20, ::zqcow::testing::DataKind::kMixed, 7);
+  RunOrFail("qemu-img convert -c -O qcow2 " + ShellQuote(raw) + " " + ShellQuote(image));
+  CheckResult r = ExpectSameVerdict(image, kQemuClean);
+  EXPECT_GT(r.compressed_clusters, 0u);
+  EXPECT_EQ(r.image_end_offset, JsonOr0(RunQemuCheck(image).json, "image-end-offset"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Damaged copies of one image: guest cluster 0 compressed, 1 normal, 2 compressed, 3 normal.
+
+class DamagedImageTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(::zqcow::testing::HaveQemu());
+    base_ = dir_.File("base.qcow2");
+    RunOrFail("qemu-img create -q -f qcow2 " + ShellQuote(base_) + " 4M");
+    RunOrFail("qemu-io -f qcow2 -c 'write -c -P 0x11 0 64k' -c 'write -P 0x22 64k 64k' "
+        "-c 'write -c -P 0x33 128k 64k' -c 'write -P 0x44 192k 64k' " +
+        ShellQuote(base_));
+    bytes_ = ReadWholeFile(base_);
+    layout_ = ReadLayout(bytes_);
+    ASSERT_NE(layout_.l2_offset, 0u);
+    ASSERT_NE(layout_.refcount_block, 0u);
+    ExpectSameVerdict(base_, kQemuClean);
+  }
+
+  // Writes a patched copy and returns its path.
+  std::string Damage(const std::string& name,
+                     const std::function<void(std::vector<uint8_t>&, const Layout&)>& patch) {
+    std::vector<uint8_t> copy = bytes_;
+    patch(copy, layout_);
+    const std::string path = dir_.File(name + ".qcow2");
+    WriteWholeFile(path, copy);
+    return path;
+  }
+
+  format::L2Entry Entry(uint64_t index) const {
+    auto e = format::DecodeL2Entry(L2Raw(bytes_, layout_, index), layout_.geometry);
+    EXPECT_TRUE(e.ok());
+    return e.ok() ? *e : format::L2Entry{};
+  }
+  uint32_t order() const { return layout_.header.refcount_order; }
+
+  TempDir dir_;
+  std::string base_;
+  std::vector<uint8_t> bytes_;
+  Layout layout_;
+};
+
+TEST_F(DamagedImageTest, RefcountDecreasedIsCorruption) {
+  const uint64_t cluster = Entry(1).host_offset.value() >> layout_.header.cluster_bits;
+  const std::string path = Damage("decreased", [&](auto& b, const Layout& l) {
+    format::SetRefcount(RefcountBlock(b, l), cluster, order(), 0);
+  });
+  CheckResult r = ExpectSameVerdict(path, kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("ERROR cluster " + std::to_string(cluster) + " refcount=0 reference=1"),
+            std::string::npos)
+      << Messages(r);
+}
+
+TEST_F(DamagedImageTest, SharedCompressedClusterRefcountDecreasedIsCorruption) {
+  // Both compressed clusters live in one host cluster: its refcount is 2.
+  const uint64_t cluster = Entry(0).host_offset.value() >> layout_.header.cluster_bits;
+  ASSERT_EQ(Entry(2).host_offset.value() >> layout_.header.cluster_bits, cluster);
+  ASSERT_EQ(format::GetRefcount(RefcountBlock(bytes_, layout_), cluster, order()), 2u);
+  const std::string path = Damage("shared", [&](auto& b, const Layout& l) {
+    format::SetRefcount(RefcountBlock(b, l), cluster, order(), 1);
+  });
+  ExpectSameVerdict(path, kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, ExtraRefcountIsLeak) {
+  // On a compressed host cluster (no COPIED flag depends on it): a pure leak.
+  const uint64_t cluster = Entry(0).host_offset.value() >> layout_.header.cluster_bits;
+  const std::string path = Damage("extra", [&](auto& b, const Layout& l) {
+    format::SetRefcount(RefcountBlock(b, l), cluster, order(), 3);
+  });
+  CheckResult r = ExpectSameVerdict(path, kQemuLeaks);
+  EXPECT_EQ(r.leaks, 1u);
+  EXPECT_EQ(r.corruptions, 0u);
+}
+
+TEST_F(DamagedImageTest, UnreferencedClusterAtEndIsLeak) {
+  const uint64_t end_cluster = bytes_.size() >> layout_.header.cluster_bits;
+  const std::string path = Damage("tail", [&](auto& b, const Layout& l) {
+    b.resize(b.size() + l.geometry.cluster_size());
+    format::SetRefcount(RefcountBlock(b, l), end_cluster, order(), 1);
+  });
+  CheckResult r = ExpectSameVerdict(path, kQemuLeaks);
+  EXPECT_EQ(r.leaks, 1u);
+}
+
+TEST_F(DamagedImageTest, L2EntryPastEndOfFileIsCorruption) {
+  const uint64_t past = (bytes_.size() + 16 * layout_.geometry.cluster_size());
+  const std::string path = Damage("past_eof", [&](auto& b, const Layout& l) {
+    SetL2Raw(b, l, 1, format::EncodeNormalL2Entry(format::HostOffset(past), true));
+  });
+  CheckResult r = ExpectSameVerdict(path, kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("end of the file"), std::string::npos) << Messages(r);
+}
+
+TEST_F(DamagedImageTest, CompressedSectorsRunningPastEndOfFile) {
+  // The compressed cluster with the highest offset; grow its sector count.
+  const uint64_t index = Entry(2).host_offset > Entry(0).host_offset ? 2 : 0;
+  const format::Geometry& g = layout_.geometry;
+  const uint64_t raw = L2Raw(bytes_, layout_, index);
+  const uint32_t x = format::CompressedOffsetBits(g);
+  auto with_sectors = [&](uint64_t sectors) {
+    return (raw & ~(format::CompressedSectorsMask(g) << x)) | (sectors << x);
+  };
+  // A few sectors more stay inside the host cluster: QEMU does not mind, neither do we.
+  ExpectSameVerdict(Damage("sectors_small", [&](auto& b, const Layout& l) {
+                      SetL2Raw(b, l, index, with_sectors(3));
+                    }),
+                    kQemuClean);
+  // Into the next cluster (which holds a normal cluster): that one is referenced twice.
+  ExpectSameVerdict(Damage("sectors_next", [&](auto& b, const Layout& l) {
+                      SetL2Raw(b, l, index, with_sectors(200));
+                    }),
+                    kQemuCorrupt);
+  // A descriptor starting in the last cluster and running a whole cluster past the end.
+  const std::string path = Damage("sectors_eof", [&](auto& b, const Layout& l) {
+    const uint64_t last_cluster = (b.size() - 1) & ~(g.cluster_size() - 1);
+    SetL2Raw(b, l, index,
+             format::EncodeCompressedL2Entry(format::HostOffset(last_cluster + 100),
+                                             g.cluster_size() - 1, g) |
+                 (format::CompressedSectorsMask(g) << x));
+  });
+  ExpectSameVerdict(path, kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, CopiedFlagClearedIsCorruption) {
+  const std::string l2 = Damage("l2_copied", [&](auto& b, const Layout& l) {
+    SetL2Raw(b, l, 1, L2Raw(b, l, 1) & ~format::kEntryCopied);
+  });
+  CheckResult r = ExpectSameVerdict(l2, kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("OFLAG_COPIED"), std::string::npos) << Messages(r);
+  const std::string l1 = Damage("l1_copied", [&](auto& b, const Layout& l) {
+    const uint64_t at = l.header.l1_table_offset;
+    format::StoreBE64(&b[at], format::LoadBE64(&b[at]) & ~format::kEntryCopied);
+  });
+  ExpectSameVerdict(l1, kQemuCorrupt);
+  const std::string compressed = Damage("compressed_copied", [&](auto& b, const Layout& l) {
+    SetL2Raw(b, l, 0, L2Raw(b, l, 0) | format::kEntryCopied);
+  });
+  ExpectSameVerdict(compressed, kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, CopiedFlagOnSharedClusterIsCorruption) {
+  // Guest cluster 3 points at guest cluster 1's host cluster: referenced twice, refcount 1.
+  const std::string path = Damage("shared_normal", [&](auto& b, const Layout& l) {
+    SetL2Raw(b, l, 3, L2Raw(b, l, 1));
+  });
+  ExpectSameVerdict(path, kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, ReservedBitsAreCorruption) {
+  ExpectSameVerdict(Damage("l2_reserved", [&](auto& b, const Layout& l) {
+                      SetL2Raw(b, l, 1, L2Raw(b, l, 1) | (uint64_t{1} << 57));
+                    }),
+                    kQemuCorrupt);
+  ExpectSameVerdict(Damage("l1_reserved", [&](auto& b, const Layout& l) {
+                      const uint64_t at = l.header.l1_table_offset;
+                      format::StoreBE64(&b[at], format::LoadBE64(&b[at]) | (uint64_t{1} << 58));
+                    }),
+                    kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, UnalignedDataOffsetIsCorruption) {
+  ExpectSameVerdict(Damage("unaligned", [&](auto& b, const Layout& l) {
+                      SetL2Raw(b, l, 1, L2Raw(b, l, 1) + 512);
+                    }),
+                    kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, BadRefcountBlockOffsetIsCorruption) {
+  // QEMU counts one corruption and then cannot read the refcounts the block covers (check
+  // errors, exit code 1); zqcow reports the corruption and skips those refcounts.
+  const std::string unaligned = Damage("refblock_unaligned", [&](auto& b, const Layout& l) {
+    format::StoreBE64(&b[l.header.refcount_table_offset], l.refcount_block + 512);
+  });
+  QemuCheck qemu = RunQemuCheck(unaligned);
+  EXPECT_GT(JsonOr0(qemu.json, "corruptions"), 0u) << qemu.output;
+  auto ours = CheckImage(unaligned);
+  ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+  EXPECT_EQ(ours->corruptions, JsonOr0(qemu.json, "corruptions")) << Messages(*ours);
+  ExpectSameVerdict(Damage("refblock_outside", [&](auto& b, const Layout& l) {
+                      format::StoreBE64(&b[l.header.refcount_table_offset],
+                                        uint64_t{1} << 40);
+                    }),
+                    kQemuCorrupt);
+}
+
+TEST_F(DamagedImageTest, DirtyBitIsIncomplete) {
+  const std::string path = Damage("dirty", [&](auto& b, const Layout&) {
+    b[72 + 7] |= static_cast<uint8_t>(format::kIncompatDirty);
+  });
+  CheckResult r = ExpectSameVerdict(path, kQemuClean);
+  EXPECT_TRUE(r.incomplete);
+  auto info = ReadImageInfo(path);
+  ASSERT_TRUE(info.ok());
+  EXPECT_TRUE(info->dirty);
+  auto clean = CheckImage(base_);
+  ASSERT_TRUE(clean.ok());
+  EXPECT_FALSE(clean->incomplete);
+}
+
+TEST_F(DamagedImageTest, CheckImageFileWorksOnAnOpenFile) {
+  auto file = io::OpenFile(base_, io::FileOptions{});
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  auto r = CheckImageFile(file->get());
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(Verdict(*r), kQemuClean);
+  EXPECT_EQ(r->allocated_clusters, 4u);
+  EXPECT_EQ(r->compressed_clusters, 2u);
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors and ImageInfo.
+
+TEST(CheckTest, UnreadableImagesGiveClearErrors) {
+  TempDir dir;
+  auto missing = CheckImage(dir.File("missing.qcow2"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), Status::Code::kNotFound);
+  const std::string garbage = dir.File("garbage.qcow2");
+  WriteWholeFile(garbage, std::vector<uint8_t>(4096, 0x42));
+  auto bad = CheckImage(garbage);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), Status::Code::kCorruption);
+  EXPECT_NE(bad.status().message().find(garbage), std::string::npos);
+  EXPECT_NE(bad.status().message().find("magic"), std::string::npos);
+  auto info = ReadImageInfo(garbage);
+  ASSERT_FALSE(info.ok());
+  EXPECT_NE(info.status().message().find(garbage), std::string::npos);
+  const std::string empty = dir.File("empty.qcow2");
+  WriteWholeFile(empty, {});
+  EXPECT_EQ(CheckImage(empty).status().code(), Status::Code::kCorruption);
+}
+
+TEST(CheckTest, ReadImageInfoMatchesQemuImgInfo) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  TempDir dir;
+  const std::string image = dir.File("info.qcow2");
+  RunOrFail("qemu-img create -q -f qcow2 -o cluster_size=4096,compression_type=zstd,refcount_bits=32 " +
+      ShellQuote(image) + " 12345344");
+  auto info = ReadImageInfo(image);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->path, image);
+  EXPECT_EQ(info->version, 3u);
+  EXPECT_EQ(info->virtual_size, 12345344u);  // a multiple of 512, not of the cluster size
+  EXPECT_EQ(info->cluster_size, 4096u);
+  EXPECT_EQ(info->refcount_bits, 32u);
+  EXPECT_EQ(info->compression, Compression::kZstd);
+  EXPECT_EQ(info->file_size, ReadWholeFile(image).size());
+  EXPECT_FALSE(info->dirty);
+  EXPECT_FALSE(info->corrupt);
+  EXPECT_TRUE(info->backing_file.empty());
+
+  const std::string v2 = dir.File("v2.qcow2");
+  RunOrFail("qemu-img create -q -f qcow2 -o compat=0.10 -b " + ShellQuote(image) + " -F qcow2 " +
+      ShellQuote(v2));
+  auto info2 = ReadImageInfo(v2);
+  ASSERT_TRUE(info2.ok()) << info2.status().ToString();
+  EXPECT_EQ(info2->version, 2u);
+  EXPECT_EQ(info2->refcount_bits, 16u);
+  EXPECT_EQ(info2->compression, Compression::kZlib);
+  EXPECT_EQ(info2->backing_file, image);
+}
+
+}  // namespace
+}  // namespace zqcow::qcow2
