@@ -75,7 +75,10 @@ std::string HumanSize(uint64_t bytes) {
     value /= static_cast<double>(kKiB);
     ++unit;
   }
-  std::string text = fmt::format("{:.3g}", value);
+  // Two decimals at most, trailing zeros dropped: "1.5 MiB", "64 KiB", "1000 MiB".
+  std::string text = fmt::format("{:.2f}", value);
+  while (text.back() == '0') text.pop_back();
+  if (text.back() == '.') text.pop_back();
   return fmt::format("{} {}", text, kUnits[unit]);
 }
 

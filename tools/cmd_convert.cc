@@ -20,7 +20,8 @@
 namespace zqcow::cli {
 namespace {
 
-constexpr unsigned kMaxWorkers = 1024;
+// The pipeline's limit (src/convert/convert.cc clamps there).
+constexpr unsigned kMaxWorkers = 256;
 
 struct ConvertArgs {
   std::string source;
@@ -96,10 +97,6 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   ZQ_RETURN_IF_ERROR(ApplyCreateOptions(args.create_options, options));
   ZQ_ASSIGN_OR_RETURN(options.target_io.direct_io, ParseCacheMode(args.target_cache, "-t"));
   ZQ_ASSIGN_OR_RETURN(options.source_direct_io, ParseCacheMode(args.source_cache, "-T"));
-  if (args.workers > kMaxWorkers) {
-    return Status::InvalidArgument(
-        fmt::format("-m: {} workers is more than the maximum of {}", args.workers, kMaxWorkers));
-  }
   options.workers = args.workers;
   options.out_of_order = !args.in_order;
   options.overwrite = args.force;
@@ -175,7 +172,7 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("-T", args->source_cache,
                   "Source cache mode: none/directsync (O_DIRECT) or writeback (default)");
   app->add_option("-m", args->workers, "Number of compression workers (default: one per core)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1u, kMaxWorkers));
   CLI::Option* w = app->add_flag("-W", args->out_of_order_flag,
                                  "Out-of-order writes (the default; accepted for compatibility)");
   app->add_flag("--in-order", args->in_order, "Write clusters in guest order")->excludes(w);

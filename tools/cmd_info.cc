@@ -58,6 +58,7 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format,
   j["file-size"] = sizes.length;
   if (info == nullptr) {
     j["virtual-size"] = sizes.length;
+    j["dirty-flag"] = false;
     return j;
   }
   j["virtual-size"] = info->virtual_size;
