@@ -43,7 +43,9 @@ uint64_t DivUp(uint64_t value, uint64_t divisor) { return (value + divisor - 1) 
 struct ClusterTask {
   Chunk* chunk = nullptr;
   uint32_t cluster_index = 0;  // inside the chunk
-  uint64_t sequence = 0;       // 0, 1, 2, ... over the non-zero clusters in guest order
+  uint64_t sequence = 0;       // 0, 1, 2, ... over the queued clusters in guest order
+  // The worker reads the cluster from the source (and checks it for zeros) itself.
+  bool needs_read = false;
 };
 
 // A chunk whose reads are queued in the current batch.
@@ -66,7 +68,8 @@ class Pipeline {
         compressors_(std::move(compressors)),
         pool_(PoolChunks(chunk_bytes_, compressors_.size()), chunk_bytes_,
               std::max<size_t>(io::kBufferAlignment, source.read_alignment())),
-        batch_limit_(std::max<size_t>(1, std::min(kReadBatchChunks, pool_.count() / 2))) {}
+        batch_limit_(std::max<size_t>(1, std::min(kReadBatchChunks, pool_.count() / 2))),
+        workers_read_(source.parallel_reads()) {}
 
   Status Run(PipelineTotals* totals);
 
@@ -102,6 +105,9 @@ class Pipeline {
   void WorkerMain(size_t worker);
   Status ProcessCluster(const ClusterTask& task, codec::Compressor* compressor,
                         std::vector<uint8_t>& compressed);
+  // For needs_read tasks: reads the cluster. Sets *zero when it is all zeros (then
+  // accounted and done: the caller only has to give up its write turn).
+  Status ReadCluster(const ClusterTask& task, bool* zero);
   void ReleaseCluster(Chunk* chunk);
   bool BeginWrite(uint64_t sequence) { return options_.out_of_order || gate_.WaitTurn(sequence); }
   void EndWrite() {
@@ -122,6 +128,8 @@ class Pipeline {
   std::vector<std::unique_ptr<codec::Compressor>> compressors_;
   ChunkPool pool_;
   const size_t batch_limit_;
+  // Workers read clusters themselves (Source::parallel_reads); the reader only plans.
+  const bool workers_read_;
   WorkQueue<ClusterTask> queue_;
   OrderGate gate_;
 
@@ -247,8 +255,8 @@ Status Pipeline::QueueChunk(uint64_t chunk_offset, std::vector<ByteRange> runs) 
 
 Status Pipeline::FlushBatch() {
   if (batch_.empty()) return Status::OK();
-  Status status = source_.Read(batch_requests_);
-  if (status.ok()) {
+  Status status = workers_read_ ? Status::OK() : source_.Read(batch_requests_);
+  if (status.ok() && !workers_read_) {
     uint64_t read = 0;
     for (const io::IoRequest& request : batch_requests_) {
       if (request.offset < source_.size()) {
@@ -256,6 +264,8 @@ Status Pipeline::FlushBatch() {
       }
     }
     bytes_read_.fetch_add(read, std::memory_order_relaxed);
+  }
+  if (status.ok()) {
     for (const PendingChunk& pending : batch_) DispatchChunk(pending);
   } else {
     for (const PendingChunk& pending : batch_) pool_.Release(pending.chunk);
@@ -273,6 +283,11 @@ void Pipeline::DispatchChunk(const PendingChunk& pending) {
     for (uint64_t offset = run.offset; offset < run.end() && offset < virtual_size;
          offset += cluster_size_) {
       const uint64_t in_chunk = offset - chunk->guest_offset;
+      const auto cluster_index = static_cast<uint32_t>(in_chunk / cluster_size_);
+      if (workers_read_) {
+        tasks.push_back({chunk, cluster_index, next_sequence_++, /*needs_read=*/true});
+        continue;
+      }
       uint8_t* data = chunk->buffer.data() + in_chunk;
       const uint64_t valid = std::min(cluster_size_, virtual_size - offset);
       // The last cluster is padded with zeros to a whole cluster.
@@ -281,7 +296,7 @@ void Pipeline::DispatchChunk(const PendingChunk& pending) {
         AccountZero(offset, offset + valid);
         continue;
       }
-      tasks.push_back({chunk, static_cast<uint32_t>(in_chunk / cluster_size_), next_sequence_++});
+      tasks.push_back({chunk, cluster_index, next_sequence_++, /*needs_read=*/false});
     }
   }
   if (tasks.empty()) {
@@ -319,6 +334,17 @@ Status Pipeline::ProcessCluster(const ClusterTask& task, codec::Compressor* comp
   const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
   std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
 
+  if (task.needs_read) {
+    bool zero = false;
+    Status read = ReadCluster(task, &zero);
+    if (!read.ok() || zero) {
+      ReleaseCluster(chunk);
+      // Nothing to write, but the turn must pass so later clusters can go.
+      if (read.ok() && BeginWrite(task.sequence)) EndWrite();
+      return read;
+    }
+  }
+
   if (compressor != nullptr) {
     Result<size_t> size = compressor->Compress(cluster, compressed);
     if (!size.ok()) {
@@ -349,6 +375,23 @@ Status Pipeline::ProcessCluster(const ClusterTask& task, codec::Compressor* comp
   ZQ_RETURN_IF_ERROR(status);
   clusters_uncompressed_.fetch_add(1, std::memory_order_relaxed);
   bytes_done_.fetch_add(valid, std::memory_order_relaxed);
+  return Status::OK();
+}
+
+Status Pipeline::ReadCluster(const ClusterTask& task, bool* zero) {
+  const uint64_t in_chunk = uint64_t{task.cluster_index} * cluster_size_;
+  const uint64_t guest_offset = task.chunk->guest_offset + in_chunk;
+  const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
+  uint8_t* data = task.chunk->buffer.data() + in_chunk;
+  const io::IoRequest request{guest_offset, data, cluster_size_};
+  ZQ_RETURN_IF_ERROR(source_.Read({&request, 1}));
+  if (guest_offset < source_.size()) {
+    bytes_read_.fetch_add(std::min(cluster_size_, source_.size() - guest_offset),
+                          std::memory_order_relaxed);
+  }
+  if (valid < cluster_size_) std::memset(data + valid, 0, cluster_size_ - valid);
+  *zero = IsAllZero({data, valid});
+  if (*zero) AccountZero(guest_offset, guest_offset + valid);
   return Status::OK();
 }
 

@@ -6,6 +6,8 @@
 //            are skipped unread), reads several chunks per batch into pooled aligned
 //            buffers, splits them into guest clusters, drops all-zero clusters (left
 //            unallocated), queues the rest with sequence numbers in guest order.
+//            (A source with parallel_reads(), i.e. qcow2, is read by the workers
+//            instead, one cluster each, so decompression runs in parallel too.)
 //   workers  each own a Compressor; compress a cluster into cluster_size - 1 bytes and
 //            WriteCompressed it, or Write it as is when it did not fit (or without
 //            compression). With in-order writing the writes pass an OrderGate.

@@ -36,6 +36,7 @@ class FakeSource final : public Source {
   const char* format() const override { return "raw"; }
   uint64_t size() const override { return size_; }
   size_t read_alignment() const override { return alignment_; }
+  bool parallel_reads() const override { return parallel_; }
 
   Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
     std::vector<ByteRange> out;
@@ -65,7 +66,8 @@ class FakeSource final : public Source {
   Status Close() override { return Status::OK(); }
 
   uint64_t fail_read_ = 0;  // 1-based request number that fails; 0 = none
-  uint64_t bytes_requested_ = 0;
+  bool parallel_ = false;
+  std::atomic<uint64_t> bytes_requested_{0};
 
  private:
   const std::string path_ = "/fake/source.raw";
@@ -73,7 +75,7 @@ class FakeSource final : public Source {
   std::vector<ByteRange> data_ranges_;
   size_t alignment_;
   uint64_t size_;
-  uint64_t reads_ = 0;
+  std::atomic<uint64_t> reads_{0};
 };
 
 // Records every write; decompresses compressed clusters to check them.
@@ -299,6 +301,29 @@ TEST(PipelineTest, ProgressReachesTheTotal) {
   EXPECT_GE(calls, 1);
   EXPECT_EQ(last.bytes_done, size);
   EXPECT_EQ(last.bytes_total, size);
+}
+
+TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
+  for (bool out_of_order : {true, false}) {
+    const uint64_t size = 2 * (1 << 20) + 512;
+    Generated g = Generate(size, 5);
+    FakeSource source(g.bytes, g.data_ranges);
+    source.parallel_ = true;
+    FakeImage image(size);
+    PipelineTotals totals;
+    ASSERT_TRUE(RunPipeline(source, image, Options(size, out_of_order), Compressors(3, true),
+                            &totals)
+                    .ok());
+    EXPECT_EQ(image.Content(), g.bytes);
+    EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
+              Clusters(size));
+    uint64_t data_bytes = 0;
+    for (const ByteRange& r : g.data_ranges) data_bytes += r.length;
+    EXPECT_EQ(totals.bytes_read, data_bytes);
+    if (!out_of_order) {
+      EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
+    }
+  }
 }
 
 class PipelineFailure : public ::testing::TestWithParam<std::tuple<unsigned, bool>> {};

@@ -30,6 +30,9 @@ class Qcow2Source final : public Source {
   // Image::Read takes any range and buffer; the image does its own aligned I/O.
   size_t read_alignment() const override { return 1; }
 
+  // Image::Read is thread-safe, and decompressing is the expensive part of reading.
+  bool parallel_reads() const override { return true; }
+
   Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
     std::vector<ByteRange> ranges;
     const uint64_t end = std::min(offset + length, size_);

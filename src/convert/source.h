@@ -26,7 +26,8 @@ struct ByteRange {
   uint64_t end() const { return offset + length; }
 };
 
-// Threading: DataRanges and Read are called from one thread (the pipeline's reader).
+// Threading: DataRanges and Read are called from one thread (the pipeline's reader), except
+// that Read may be called from several at once when parallel_reads() is true.
 class Source {
  public:
   virtual ~Source() = default;
@@ -47,6 +48,12 @@ class Source {
   // Reads every request (submitted together where the file layer can). Bytes at or past
   // size() read as zeros. REQUIRES: requests aligned to read_alignment().
   virtual Status Read(std::span<const io::IoRequest> requests) = 0;
+
+  // True when Read may be called from several threads at once and costs CPU (a qcow2
+  // source decompresses): the pipeline then lets its workers read clusters themselves
+  // instead of the single reader thread. False (the default) = only the reader reads.
+  // REQUIRES when true: read_alignment() == 1 (workers read single clusters).
+  virtual bool parallel_reads() const { return false; }
 
   // Releases the file or image; reports errors the close finds. Idempotent.
   virtual Status Close() = 0;
