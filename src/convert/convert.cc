@@ -112,8 +112,8 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   pipeline_options.progress = options.progress;
   pipeline_options.start_time = start_time;
   convert::PipelineTotals totals;
-  Status status = convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors),
-                                       &totals);
+  Status status =
+      convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors), &totals);
   (void)input->Close();  // read-only: nothing to lose
   if (!status.ok()) {
     // Consistent on disk but marked incomplete; the pipeline's error is the one to report.

@@ -34,8 +34,7 @@ uint64_t Clusters(uint64_t size, uint32_t cluster_size) {
 }
 
 // Whatever the options, the stats must add up.
-void ExpectConsistentStats(const ConvertStats& stats, uint64_t source_size,
-                           uint32_t cluster_size) {
+void ExpectConsistentStats(const ConvertStats& stats, uint64_t source_size, uint32_t cluster_size) {
   EXPECT_EQ(stats.virtual_size, source_size);
   EXPECT_EQ(stats.clusters_zero + stats.clusters_compressed + stats.clusters_uncompressed,
             Clusters(source_size, cluster_size));
@@ -78,20 +77,20 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 using WC = IoOptions::WriteCache;
 const Case kCases[] = {
-    {"mixed_64k_zlib", DataKind::kMixed, 65536, true, Compression::kZlib, -1, 4, true, false,
-     false, WC::kAuto},
-    {"mixed_512_zstd_inorder_direct", DataKind::kMixed, 512, true, Compression::kZstd, -1, 4,
-     false, true, true, WC::kOn},
+    {"mixed_64k_zlib", DataKind::kMixed, 65536, true, Compression::kZlib, -1, 4, true, false, false,
+     WC::kAuto},
+    {"mixed_512_zstd_inorder_direct", DataKind::kMixed, 512, true, Compression::kZstd, -1, 4, false,
+     true, true, WC::kOn},
     {"mixed_4k_zlib1_one_worker_nocache", DataKind::kMixed, 4096, true, Compression::kZlib, 1, 1,
      true, false, true, WC::kOff},
-    {"mixed_2m_zstd1_direct", DataKind::kMixed, 2 << 20, true, Compression::kZstd, 1, 4, true,
-     true, true, WC::kAuto},
+    {"mixed_2m_zstd1_direct", DataKind::kMixed, 2 << 20, true, Compression::kZstd, 1, 4, true, true,
+     true, WC::kAuto},
     {"random_64k_inorder", DataKind::kRandom, 65536, true, Compression::kZlib, -1, 2, false, false,
      false, WC::kAuto},
     {"text_4k_zstd5_cache", DataKind::kText, 4096, true, Compression::kZstd, 5, 4, true, false,
      false, WC::kOn},
-    {"ones_64k_zlib9_inorder_direct", DataKind::kOnes, 65536, true, Compression::kZlib, 9, 4,
-     false, false, true, WC::kAuto},
+    {"ones_64k_zlib9_inorder_direct", DataKind::kOnes, 65536, true, Compression::kZlib, 9, 4, false,
+     false, true, WC::kAuto},
     {"mixed_64k_uncompressed_direct", DataKind::kMixed, 65536, false, Compression::kZlib, -1, 2,
      true, true, true, WC::kAuto},
     {"mixed_512_uncompressed_inorder", DataKind::kMixed, 512, false, Compression::kZlib, -1, 4,
@@ -190,23 +189,26 @@ TEST(ConvertTest, Qcow2SourceConvertsEqual) {
   const std::string target = dir.File("target.qcow2");
   const uint64_t size = 4 * kMiB + 1536;
   testing::WriteRawImage(raw, size, DataKind::kMixed, 77);
-  // qemu-img leaves the holes and zero clusters unallocated.
-  testing::CommandResult made =
-      testing::RunCommand("qemu-img convert -f raw -O qcow2 " + testing::ShellQuote(raw) + " " +
-                          testing::ShellQuote(middle));
-  ASSERT_EQ(made.exit_code, 0) << made.output;
-  for (bool direct : {false, true}) {
-    ConvertOptions options;
-    options.compression = Compression::kZstd;
-    options.source_direct_io = direct;
-    options.overwrite = true;
-    Result<ConvertStats> stats = Convert(middle, target, options);  // format detected
-    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
-    ExpectQemuAgrees(raw, "raw", target);
-    ExpectQemuAgrees(middle, "qcow2", target);
-    EXPECT_EQ(stats->virtual_size, size);
-    EXPECT_LT(stats->bytes_read, size);  // unallocated ranges are not read
-    EXPECT_GT(stats->clusters_zero, 0u);
+  // qemu-img leaves the holes and zero clusters unallocated; -c stores compressed clusters.
+  for (const std::string qemu_flags : {"", "-c"}) {
+    testing::CommandResult made =
+        testing::RunCommand("qemu-img convert -f raw -O qcow2 " + qemu_flags + " " +
+                            testing::ShellQuote(raw) + " " + testing::ShellQuote(middle));
+    ASSERT_EQ(made.exit_code, 0) << made.output;
+    for (bool direct : {false, true}) {
+      SCOPED_TRACE("qemu-img convert " + qemu_flags + (direct ? ", direct source" : ""));
+      ConvertOptions options;
+      options.compression = Compression::kZstd;
+      options.source_direct_io = direct;
+      options.overwrite = true;
+      Result<ConvertStats> stats = Convert(middle, target, options);  // format detected
+      ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+      ExpectQemuAgrees(raw, "raw", target);
+      ExpectQemuAgrees(middle, "qcow2", target);
+      EXPECT_EQ(stats->virtual_size, size);
+      EXPECT_LT(stats->bytes_read, size);  // unallocated ranges are not read
+      EXPECT_GT(stats->clusters_zero, 0u);
+    }
   }
 }
 

@@ -201,8 +201,7 @@ Status Pipeline::ReadSource() {
         AccountZero(pos, window_end);
         break;
       }
-      const uint64_t data_chunk =
-          AlignDown(std::max(ranges[next_range].offset, pos), chunk_bytes_);
+      const uint64_t data_chunk = AlignDown(std::max(ranges[next_range].offset, pos), chunk_bytes_);
       if (data_chunk > pos) {  // whole chunks without data: skip unread
         AccountZero(pos, data_chunk);
         pos = data_chunk;
@@ -353,7 +352,7 @@ Status Pipeline::ProcessCluster(const ClusterTask& task, codec::Compressor* comp
                                       std::to_string(guest_offset));
     }
     if (*size > 0) {
-      ReleaseCluster(chunk);  // the source bytes are no longer needed
+      ReleaseCluster(chunk);                                // the source bytes are no longer needed
       if (!BeginWrite(task.sequence)) return Status::OK();  // stopped
       Status status = image_.WriteCompressed(guest_offset, {compressed.data(), *size});
       EndWrite();
@@ -413,8 +412,7 @@ void Pipeline::ReportProgress() {
   progress.bytes_done = bytes_done_.load(std::memory_order_relaxed);
   progress.bytes_total = options_.virtual_size;
   progress.elapsed_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - options_.start_time)
-          .count();
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - options_.start_time).count();
   options_.progress(progress);
 }
 
@@ -430,8 +428,8 @@ Status Pipeline::Run(PipelineTotals* totals) {
       threads.emplace_back(std::forward<decltype(body)>(body));
     } catch (const std::system_error& error) {
       ThreadExited();
-      Fail(Status::IOError(options_.target_path + ": cannot start a pipeline thread: " +
-                           error.what()));
+      Fail(Status::IOError(options_.target_path +
+                           ": cannot start a pipeline thread: " + error.what()));
     }
   };
   start([this] { ReaderMain(); });
@@ -441,7 +439,8 @@ Status Pipeline::Run(PipelineTotals* totals) {
 
   {
     std::unique_lock lock(live_mutex_);
-    while (!live_changed_.wait_for(lock, kProgressInterval, [this] { return live_threads_ == 0; })) {
+    while (
+        !live_changed_.wait_for(lock, kProgressInterval, [this] { return live_threads_ == 0; })) {
       lock.unlock();
       if (CancelRequested() && !stopped()) Fail(InterruptedStatus());
       ReportProgress();

@@ -25,8 +25,8 @@ constexpr uint32_t kClusterSize = 4096;
 // Guest bytes in memory; holes are the ranges not listed as data.
 class FakeSource final : public Source {
  public:
-  FakeSource(std::vector<uint8_t> bytes, std::vector<ByteRange> data_ranges,
-             size_t alignment = 1, uint64_t size = 0)
+  FakeSource(std::vector<uint8_t> bytes, std::vector<ByteRange> data_ranges, size_t alignment = 1,
+             uint64_t size = 0)
       : bytes_(std::move(bytes)),
         data_ranges_(std::move(data_ranges)),
         alignment_(alignment),
@@ -120,8 +120,8 @@ class FakeImage final : public Image {
 
   std::mutex mutex_;
   std::map<uint64_t, std::vector<uint8_t>> clusters_;  // guarded by mutex_
-  std::vector<uint64_t> write_order_;                   // guarded by mutex_
-  uint64_t compressed_writes_ = 0;                      // guarded by mutex_
+  std::vector<uint64_t> write_order_;                  // guarded by mutex_
+  uint64_t compressed_writes_ = 0;                     // guarded by mutex_
   uint64_t fail_write_ = 0;  // 1-based write that fails (and every later one); 0 = none
   std::atomic<bool>* cancel_after_writes_flag_ = nullptr;
   uint64_t cancel_after_writes_ = 0;
@@ -311,9 +311,9 @@ TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
     source.parallel_ = true;
     FakeImage image(size);
     PipelineTotals totals;
-    ASSERT_TRUE(RunPipeline(source, image, Options(size, out_of_order), Compressors(3, true),
-                            &totals)
-                    .ok());
+    ASSERT_TRUE(
+        RunPipeline(source, image, Options(size, out_of_order), Compressors(3, true), &totals)
+            .ok());
     EXPECT_EQ(image.Content(), g.bytes);
     EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
               Clusters(size));

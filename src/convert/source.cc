@@ -3,12 +3,13 @@
 // Opening a source: format detection by the qcow2 magic, and the checks that give a clear
 // error when the format given does not match the file.
 
+#include "convert/source.h"
+
 #include <algorithm>
 #include <array>
 #include <cstring>
 #include <utility>
 
-#include "convert/source.h"
 #include "io/aligned_buffer.h"
 
 namespace zqcow::convert {

@@ -59,8 +59,8 @@ class WorkQueue {
  private:
   std::mutex mutex_;
   std::condition_variable ready_;
-  std::deque<T> items_;  // guarded by mutex_
-  bool closed_ = false;  // guarded by mutex_
+  std::deque<T> items_;   // guarded by mutex_
+  bool closed_ = false;   // guarded by mutex_
   bool stopped_ = false;  // guarded by mutex_
 };
 
