@@ -1,0 +1,127 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+
+#include "qcow2/compressed_allocator.h"
+
+#include <gtest/gtest.h>
+
+#include <utility>
+#include <vector>
+
+#include "io/file.h"
+#include "qcow2/metadata_cache.h"
+#include "qcow2/refcounts.h"
+#include "testing/test_util.h"
+
+namespace zqcow::qcow2 {
+namespace {
+
+using format::HostCluster;
+
+constexpr uint32_t kClusterBits = 12;
+constexpr uint64_t kClusterSize = uint64_t{1} << kClusterBits;
+
+// Records the allocator's SetClusterEnd calls; stores nothing.
+class RecordingCache : public CompressedWriteCache {
+ public:
+  Status Write(uint64_t, std::span<const uint8_t>) override { return Status::OK(); }
+  Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) override {
+    ends.emplace_back(host_cluster_offset, data_end);
+    return Status::OK();
+  }
+  Status Flush() override { return Status::OK(); }
+  Status Read(uint64_t, std::span<uint8_t>) override { return Status::OK(); }
+  void Discard(uint64_t) override {}
+  Status error() const override { return Status::OK(); }
+  Stats stats() const override { return {}; }
+
+  std::vector<std::pair<uint64_t, uint32_t>> ends;
+};
+
+class CompressedAllocatorTest : public ::testing::Test {
+ protected:
+  void Init(uint32_t refcount_order) {
+    io::FileOptions options;
+    options.writable = true;
+    options.create = true;
+    auto file = io::OpenFile(dir_.File("alloc.img"), options);
+    ASSERT_TRUE(file.ok()) << file.status().ToString();
+    file_ = std::move(file).value();
+    cache_ = std::make_unique<MetadataCache>(1 << 20, kClusterSize);
+    // Cluster 0 "header", cluster 1 the refcount table; allocation starts at 2.
+    refcounts_ = std::make_unique<Refcounts>(
+        file_.get(), cache_.get(), format::RefcountGeometry{kClusterBits, refcount_order},
+        kClusterSize, 1, io::AlignedBuffer(kClusterSize), HostCluster(2));
+    allocator_ = std::make_unique<CompressedAllocator>(format::Geometry{kClusterBits},
+                                                       refcounts_.get(), &write_cache_);
+  }
+  uint64_t Refcount(uint64_t cluster) {
+    auto r = refcounts_->Get(HostCluster(cluster));
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? *r : ~uint64_t{0};
+  }
+  uint64_t Allocate(uint64_t length) {
+    auto r = allocator_->Allocate(length);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return r.ok() ? r->value() : 0;
+  }
+
+  zqcow::testing::TempDir dir_;
+  std::unique_ptr<io::File> file_;
+  std::unique_ptr<MetadataCache> cache_;
+  std::unique_ptr<Refcounts> refcounts_;
+  RecordingCache write_cache_;
+  std::unique_ptr<CompressedAllocator> allocator_;
+};
+
+TEST_F(CompressedAllocatorTest, PacksBackToBackAndCountsEachPiece) {
+  Init(4);
+  // The first allocation places the refcount block (cluster 2), then data at cluster 3.
+  uint64_t a = Allocate(1000);
+  EXPECT_EQ(a % kClusterSize, 0u);
+  EXPECT_EQ(Allocate(1000), a + 1000);
+  EXPECT_EQ(Allocate(1000), a + 2000);
+  EXPECT_EQ(Refcount(a / kClusterSize), 3u);
+  EXPECT_TRUE(write_cache_.ends.empty());
+  EXPECT_EQ(allocator_->high_water(), a + 3000);
+}
+
+TEST_F(CompressedAllocatorTest, SpillsIntoNextClusterOnlyWhenContiguous) {
+  Init(4);
+  uint64_t a = Allocate(3000);
+  uint64_t b = Allocate(3000);  // spills into the next (free) cluster
+  EXPECT_EQ(b, a + 3000);
+  EXPECT_EQ(Refcount(a / kClusterSize), 2u);
+  EXPECT_EQ(Refcount(a / kClusterSize + 1), 1u);
+  // Something else (an L2 table) takes the next free cluster: no longer contiguous.
+  auto other = refcounts_->Allocate(1);
+  ASSERT_TRUE(other.ok());
+  uint64_t c = Allocate(3000);
+  EXPECT_EQ(c, (other->value() + 1) * kClusterSize);
+  ASSERT_EQ(write_cache_.ends.size(), 1u);
+  EXPECT_EQ(write_cache_.ends[0].first, a + kClusterSize);
+  EXPECT_EQ(write_cache_.ends[0].second, 6000 - kClusterSize);
+}
+
+TEST_F(CompressedAllocatorTest, OneBitRefcountsStartANewClusterPerPiece) {
+  Init(0);
+  uint64_t a = Allocate(100);
+  uint64_t b = Allocate(100);
+  EXPECT_EQ(b, a + kClusterSize);
+  EXPECT_EQ(Refcount(a / kClusterSize), 1u);
+  EXPECT_EQ(Refcount(b / kClusterSize), 1u);
+  ASSERT_EQ(write_cache_.ends.size(), 1u);
+  EXPECT_EQ(write_cache_.ends[0], std::make_pair(a, uint32_t{100}));
+}
+
+TEST_F(CompressedAllocatorTest, FreedCurrentClusterIsNotContinued) {
+  Init(4);
+  uint64_t a = Allocate(100);
+  allocator_->OnClusterFreed(HostCluster(a / kClusterSize));
+  uint64_t b = Allocate(100);
+  EXPECT_EQ(b % kClusterSize, 0u);
+  EXPECT_GT(b, a);
+  EXPECT_TRUE(write_cache_.ends.empty());  // a freed cluster is not closed, it is dropped
+}
+
+}  // namespace
+}  // namespace zqcow::qcow2
