@@ -138,7 +138,9 @@ Result<L2Entry> Qcow2Image::Decode(uint64_t raw) const {
 // ----------------------------------------------------------------------------- reads
 
 Status Qcow2Image::ReadCompressed(const L2Entry& entry, std::span<uint8_t> cluster) {
-  std::vector<uint8_t> compressed(entry.compressed_span);
+  // Per-thread scratch: readers (convert workers) decompress cluster after cluster.
+  thread_local std::vector<uint8_t> compressed;
+  compressed.resize(entry.compressed_span);
   ZQ_RETURN_IF_ERROR(write_cache_->Read(entry.host_offset.value(), compressed));
   Status s = ThreadDecompressor(compression())->Decompress(compressed, cluster);
   if (!s.ok()) {
@@ -158,8 +160,10 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<ui
       std::memset(out.data(), 0, out.size());
       return Status::OK();
     case L2Entry::Kind::kCompressed: {
-      io::AlignedBuffer cluster(cluster_size_);
-      ZQ_RETURN_IF_ERROR(ReadCompressed(entry, cluster.span()));
+      if (in_cluster == 0 && out.size() == cluster_size_) return ReadCompressed(entry, out);
+      thread_local std::vector<uint8_t> cluster;
+      cluster.resize(cluster_size_);
+      ZQ_RETURN_IF_ERROR(ReadCompressed(entry, cluster));
       std::memcpy(out.data(), cluster.data() + in_cluster, out.size());
       return Status::OK();
     }
@@ -191,6 +195,16 @@ Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
     {
       std::lock_guard lock(mutex_);
       if (closed_) return Error("image is closed");
+      ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
+      if (!has_l2) {
+        // The whole L2 range reads as zeros.
+        const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
+        uint64_t next = io::AlignDown(offset, per_l2_bytes) + per_l2_bytes;
+        n = std::min<uint64_t>(out.size() - done, next - offset);
+        std::memset(out.data() + done, 0, n);
+        done += n;
+        continue;
+      }
       ZQ_ASSIGN_OR_RETURN(raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
     }
     ZQ_RETURN_IF_ERROR(ReadFromEntry(raw, in_cluster, out.subspan(done, n)));
