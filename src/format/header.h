@@ -92,6 +92,10 @@ struct Header {
 // end of file, L1 larger than the file could hold or than 32 MiB of entries, refcount table
 // larger than the file, snapshots, extensions that run past the cluster.
 // Backing files are parsed (name returned), not refused here; the caller decides.
+// Version 2 headers (72 bytes) parse with header_length 72, refcount_order 4, no feature
+// bits and compression type 0. Extensions run from header_length up to the backing file
+// name (or the end of the cluster); an area without an end marker is accepted, as in QEMU.
+// Messages start with "qcow2 header: " and name the field; callers prefix the path.
 Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size);
 
 // Encodes the header, its extensions and end marker (and the backing file name, if any,
