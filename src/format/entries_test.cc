@@ -93,8 +93,8 @@ TEST(L2EntryTest, CompressedDescriptorsRoundTrip) {
     Geometry g{bits};
     const uint64_t c = g.cluster_size();
     const uint64_t base = 3 * c;
-    const std::vector<uint64_t> offsets = {base,           base + 1,     base + 511,
-                                           base + 512,     base + c - 1, base + c - 512,
+    const std::vector<uint64_t> offsets = {base,           base + 1,         base + 511,
+                                           base + 512,     base + c - 1,     base + c - 512,
                                            base + c - 513, base + c / 2 + 17};
     const std::vector<uint64_t> lengths = {1, 2, 511, 512, 513, 1000, c / 2, c - 1};
     for (uint64_t off : offsets) {
@@ -188,8 +188,8 @@ std::vector<uint8_t> SourceData(uint64_t clusters, uint64_t cluster_size) {
   std::vector<uint8_t> data(clusters * cluster_size, 0x5a);
   for (uint64_t i = 0; i < clusters; ++i) {
     const uint64_t random_bytes = cluster_size * (i % 5) / 4;  // 0, 1/4, 1/2, 3/4, all
-    auto random = ::zqcow::testing::MakeData(::zqcow::testing::DataKind::kRandom,
-                                             random_bytes, i + 1);
+    auto random =
+        ::zqcow::testing::MakeData(::zqcow::testing::DataKind::kRandom, random_bytes, i + 1);
     std::copy(random.begin(), random.end(), data.begin() + i * cluster_size);
   }
   return data;
@@ -222,8 +222,8 @@ TEST_P(QemuL2Test, DecodesWhatQemuIoWrites) {
     const std::string source = dir.File("source" + std::to_string(i));
     ::zqcow::testing::WriteWholeFile(
         source, std::vector<uint8_t>(data.begin() + i * c, data.begin() + (i + 1) * c));
-    commands += " -c " + ShellQuote("write -q -c -s " + source + " " + std::to_string(i * c) +
-                                    " " + std::to_string(c));
+    commands += " -c " + ShellQuote("write -q -c -s " + source + " " + std::to_string(i * c) + " " +
+                                    std::to_string(c));
   }
   commands += " -c " + ShellQuote("write -q -c -P 0x5a " + std::to_string(pattern_cluster * c) +
                                   " " + std::to_string(c));
@@ -245,8 +245,7 @@ TEST_P(QemuL2Test, DecodesWhatQemuIoWrites) {
   int compressed = 0, crossing_sector = 0, crossing_cluster = 0;
   std::vector<uint8_t> cluster(c);
   for (uint64_t i = 0; i <= pattern_cluster; ++i) {
-    SCOPED_TRACE("guest cluster " + std::to_string(i) + " of cluster_bits " +
-                 std::to_string(bits));
+    SCOPED_TRACE("guest cluster " + std::to_string(i) + " of cluster_bits " + std::to_string(bits));
     const uint64_t raw = l2_raw(i);
     auto e = DecodeL2Entry(raw, g);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
@@ -304,8 +303,7 @@ TEST_P(QemuL2Test, DecodesWhatQemuIoWrites) {
       auto e = DecodeL2Entry(l2_raw(i), g);
       ASSERT_TRUE(e.ok());
       if (!extent["data"].get<bool>()) {
-        EXPECT_TRUE(e->kind == L2Entry::Kind::kZero || e->kind == L2Entry::Kind::kUnallocated)
-            << i;
+        EXPECT_TRUE(e->kind == L2Entry::Kind::kZero || e->kind == L2Entry::Kind::kUnallocated) << i;
       } else if (extent.contains("offset")) {
         ASSERT_EQ(e->kind, L2Entry::Kind::kNormal) << i;
         EXPECT_EQ(e->host_offset.value(), extent["offset"].get<uint64_t>() + i * c - start) << i;

@@ -35,8 +35,8 @@ constexpr size_t kOffRefcountOrder = 96;
 constexpr size_t kOffHeaderLength = 100;
 constexpr size_t kOffCompressionType = 104;
 
-constexpr uint32_t kHeaderAlignment = 8;       // header_length and extension padding
-constexpr uint32_t kExtensionHeaderSize = 8;   // type u32 + length u32
+constexpr uint32_t kHeaderAlignment = 8;        // header_length and extension padding
+constexpr uint32_t kExtensionHeaderSize = 8;    // type u32 + length u32
 constexpr uint32_t kMaxBackingFileName = 1023;  // as QEMU
 constexpr uint32_t kV2RefcountOrder = 4;
 // QEMU's limits: L1 tables above 32 MiB and refcount tables above 8 MiB are refused.
@@ -54,9 +54,7 @@ std::string Hex(uint64_t v) {
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 Status Corrupt(const std::string& msg) { return Status::Corruption("qcow2 header: " + msg); }
-Status Unsupported(const std::string& msg) {
-  return Status::NotSupported("qcow2 header: " + msg);
-}
+Status Unsupported(const std::string& msg) { return Status::NotSupported("qcow2 header: " + msg); }
 
 // Validates a table of `bytes` bytes at `offset`: cluster aligned, not in the header
 // cluster, inside the file. `name` is the header field that holds the offset.
@@ -165,8 +163,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
                      std::to_string(kV3BaseHeaderLength));
     }
     if (h.header_length % kHeaderAlignment != 0) {
-      return Corrupt("header_length " + std::to_string(h.header_length) +
-                     " is not a multiple of " + std::to_string(kHeaderAlignment));
+      return Corrupt("header_length " + std::to_string(h.header_length) + " is not a multiple of " +
+                     std::to_string(kHeaderAlignment));
     }
     if (h.header_length > cluster_size) {
       return Corrupt("header_length " + std::to_string(h.header_length) +
@@ -251,8 +249,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
 
   if (h.backing_file_offset != 0 || h.backing_file_size != 0) {
     if (h.backing_file_size > kMaxBackingFileName) {
-      return Corrupt("backing_file_size " + std::to_string(h.backing_file_size) +
-                     " is above " + std::to_string(kMaxBackingFileName));
+      return Corrupt("backing_file_size " + std::to_string(h.backing_file_size) + " is above " +
+                     std::to_string(kMaxBackingFileName));
     }
     if (h.backing_file_offset > limit || h.backing_file_size > limit - h.backing_file_offset) {
       return Corrupt("backing_file_offset " + Hex(h.backing_file_offset) +

@@ -147,8 +147,8 @@ TEST_P(QemuHeaderTest, ParsesToTheRightValues) {
   TempDir dir;
   const std::string path = dir.File("img.qcow2");
   const uint64_t size = (1ull << 30) + 12345 * 512;  // not a multiple of the cluster size
-  auto created = RunCommand("qemu-img create -q -f qcow2 -o " + c.options + " " +
-                            ShellQuote(path) + " " + std::to_string(size));
+  auto created = RunCommand("qemu-img create -q -f qcow2 -o " + c.options + " " + ShellQuote(path) +
+                            " " + std::to_string(size));
   ASSERT_EQ(created.exit_code, 0) << created.output;
   std::vector<uint8_t> file = ReadWholeFile(path);
   auto h = ParseHeader(file, file.size());
@@ -217,8 +217,8 @@ TEST(HeaderTest, ParsesQemuBackingFileName) {
     const std::string base = dir.File("base.qcow2");
     const std::string top = dir.File(std::string("top-") + compat + ".qcow2");
     ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 " + ShellQuote(base) + " 1M").exit_code, 0);
-    auto r = RunCommand("qemu-img create -q -f qcow2 -o compat=" + std::string(compat) +
-                        " -b " + ShellQuote(base) + " -F qcow2 " + ShellQuote(top));
+    auto r = RunCommand("qemu-img create -q -f qcow2 -o compat=" + std::string(compat) + " -b " +
+                        ShellQuote(base) + " -F qcow2 " + ShellQuote(top));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     std::vector<uint8_t> file = ReadWholeFile(top);
     auto h = ParseHeader(file, file.size());
@@ -248,12 +248,24 @@ void Set32(std::vector<uint8_t>& b, size_t off, uint32_t v) { StoreBE32(b.data()
 void Set64(std::vector<uint8_t>& b, size_t off, uint64_t v) { StoreBE64(b.data() + off, v); }
 
 const MalformedCase kMalformed[] = {
-    {"truncated", [](auto& b, auto& size) { b.resize(50); size = 50; },
+    {"truncated",
+     [](auto& b, auto& size) {
+       b.resize(50);
+       size = 50;
+     },
      Status::Code::kCorruption, "too short"},
-    {"truncated_v3", [](auto& b, auto& size) { b.resize(80); size = 80; },
+    {"truncated_v3",
+     [](auto& b, auto& size) {
+       b.resize(80);
+       size = 80;
+     },
      Status::Code::kCorruption, "too short"},
-    {"empty", [](auto& b, auto& size) { b.clear(); size = 0; }, Status::Code::kCorruption,
-     "too short"},
+    {"empty",
+     [](auto& b, auto& size) {
+       b.clear();
+       size = 0;
+     },
+     Status::Code::kCorruption, "too short"},
     {"magic", [](auto& b, auto&) { b[3] = 0xfc; }, Status::Code::kCorruption, "magic"},
     {"version1", [](auto& b, auto&) { Set32(b, 4, 1); }, Status::Code::kNotSupported, "version"},
     {"version4", [](auto& b, auto&) { Set32(b, 4, 4); }, Status::Code::kNotSupported, "version"},
@@ -283,7 +295,8 @@ const MalformedCase kMalformed[] = {
      "header_length"},
     {"header_length_past_cluster", [](auto& b, auto&) { Set32(b, 100, 65536 + 8); },
      Status::Code::kCorruption, "header_length"},
-    {"header_length_past_eof", [](auto& b, auto& size) {
+    {"header_length_past_eof",
+     [](auto& b, auto& size) {
        Set32(b, 100, 4096);
        b.resize(1024);
        size = 1024;
@@ -307,42 +320,47 @@ const MalformedCase kMalformed[] = {
      "l1_size"},
     {"reftable_past_eof", [](auto& b, auto&) { Set64(b, 48, 0x1000000); },
      Status::Code::kCorruption, "refcount_table_offset"},
-    {"reftable_unaligned", [](auto& b, auto&) { Set64(b, 48, 0x10008); },
-     Status::Code::kCorruption, "refcount_table_offset"},
-    {"reftable_overlaps_header", [](auto& b, auto&) { Set64(b, 48, 0); },
-     Status::Code::kCorruption, "refcount_table_offset"},
-    {"reftable_runs_past_eof", [](auto& b, auto&) { Set32(b, 56, 10); },
-     Status::Code::kCorruption, "refcount_table_offset"},
+    {"reftable_unaligned", [](auto& b, auto&) { Set64(b, 48, 0x10008); }, Status::Code::kCorruption,
+     "refcount_table_offset"},
+    {"reftable_overlaps_header", [](auto& b, auto&) { Set64(b, 48, 0); }, Status::Code::kCorruption,
+     "refcount_table_offset"},
+    {"reftable_runs_past_eof", [](auto& b, auto&) { Set32(b, 56, 10); }, Status::Code::kCorruption,
+     "refcount_table_offset"},
     {"reftable_clusters_zero", [](auto& b, auto&) { Set32(b, 56, 0); }, Status::Code::kCorruption,
      "refcount_table_clusters"},
     {"reftable_clusters_huge", [](auto& b, auto&) { Set32(b, 56, 0xffffffff); },
      Status::Code::kCorruption, "refcount_table_clusters"},
-    {"compression_type_2", [](auto& b, auto&) {
+    {"compression_type_2",
+     [](auto& b, auto&) {
        Set64(b, 72, kIncompatCompressionType);
        b[104] = 2;
      },
      Status::Code::kNotSupported, "compression_type"},
-    {"compression_type_without_bit", [](auto& b, auto&) { b[104] = 1; },
-     Status::Code::kCorruption, "compression_type"},
+    {"compression_type_without_bit", [](auto& b, auto&) { b[104] = 1; }, Status::Code::kCorruption,
+     "compression_type"},
     {"compression_bit_without_type", [](auto& b, auto&) { Set64(b, 72, kIncompatCompressionType); },
      Status::Code::kCorruption, "compression_type"},
-    {"compression_bit_with_short_header", [](auto& b, auto&) {
+    {"compression_bit_with_short_header",
+     [](auto& b, auto&) {
        Set64(b, 72, kIncompatCompressionType);
        b[104] = 1;
        Set32(b, 100, 104);
      },
      Status::Code::kCorruption, "compression_type"},
-    {"extension_past_cluster", [](auto& b, auto&) {
+    {"extension_past_cluster",
+     [](auto& b, auto&) {
        Set32(b, 112, 0x12345678);
        Set32(b, 116, 70000);
      },
      Status::Code::kCorruption, "extension"},
-    {"backing_name_too_long", [](auto& b, auto&) {
+    {"backing_name_too_long",
+     [](auto& b, auto&) {
        Set64(b, 8, 0x200);
        Set32(b, 16, 2000);
      },
      Status::Code::kCorruption, "backing_file_size"},
-    {"backing_name_past_cluster", [](auto& b, auto&) {
+    {"backing_name_past_cluster",
+     [](auto& b, auto&) {
        Set64(b, 8, 65536 - 10);
        Set32(b, 16, 100);
      },

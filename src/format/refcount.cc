@@ -24,8 +24,8 @@ uint64_t GetRefcount(std::span<const uint8_t> block, uint64_t index, uint32_t re
       // Several entries per byte, entry 0 in the least significant bits.
       const uint32_t per_byte_bits = kByteOrder - refcount_order;
       const uint64_t byte = index >> per_byte_bits;
-      const uint32_t shift =
-          static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1)) << refcount_order;
+      const uint32_t shift = static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1))
+                             << refcount_order;
       const uint32_t mask = (1u << (1u << refcount_order)) - 1;
       assert(byte < block.size());
       return (block[byte] >> shift) & mask;
@@ -56,8 +56,8 @@ void SetRefcount(std::span<uint8_t> block, uint64_t index, uint32_t refcount_ord
     case 2: {
       const uint32_t per_byte_bits = kByteOrder - refcount_order;
       const uint64_t byte = index >> per_byte_bits;
-      const uint32_t shift =
-          static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1)) << refcount_order;
+      const uint32_t shift = static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1))
+                             << refcount_order;
       const uint32_t mask = (1u << (1u << refcount_order)) - 1;
       assert(byte < block.size());
       assert(value <= mask);
@@ -95,7 +95,8 @@ Result<HostOffset> DecodeRefcountTableEntry(uint64_t raw, const Geometry& geomet
   }
   if (geometry.offset_in_cluster(raw) != 0) {
     char buf[80];
-    snprintf(buf, sizeof(buf), "refcount table entry 0x%016llx: block offset is not cluster aligned",
+    snprintf(buf, sizeof(buf),
+             "refcount table entry 0x%016llx: block offset is not cluster aligned",
              static_cast<unsigned long long>(raw));
     return Status::Corruption(buf);
   }

@@ -123,7 +123,8 @@ TEST(RefcountTest, ReadsQemuRefcountBlocks) {
     ASSERT_TRUE(h.ok()) << h.status().ToString();
     ASSERT_EQ(h->refcount_order, order);
     const Geometry g{h->cluster_bits};
-    auto block_offset = DecodeRefcountTableEntry(LoadBE64(file.data() + h->refcount_table_offset), g);
+    auto block_offset =
+        DecodeRefcountTableEntry(LoadBE64(file.data() + h->refcount_table_offset), g);
     ASSERT_TRUE(block_offset.ok());
     ASSERT_LE(block_offset->value() + g.cluster_size(), file.size());
     std::span<const uint8_t> block(file.data() + block_offset->value(), g.cluster_size());

@@ -115,10 +115,9 @@ class Checker {
     // A reference may end less than one cluster past end of file (as in QEMU): one counter
     // beyond the file's last cluster.
     if (file_clusters_ + 1 > kMaxCheckedClusters) {
-      return Status::NotSupported(Format("%s: file of %" PRIu64
-                                         " clusters is too large to check (limit %" PRIu64 ")",
-                                         file_->path().c_str(), file_clusters_,
-                                         kMaxCheckedClusters));
+      return Status::NotSupported(
+          Format("%s: file of %" PRIu64 " clusters is too large to check (limit %" PRIu64 ")",
+                 file_->path().c_str(), file_clusters_, kMaxCheckedClusters));
     }
     references_.assign(file_clusters_ + 1, 0);
     on_disk_.assign(file_clusters_ + 1, 0);
@@ -171,8 +170,8 @@ class Checker {
       uint32_t& count = references_[cluster];  // in range: see Run()
       const uint64_t room = max_count_ - count;
       if (times > room) {
-        Corruption(Format("ERROR: overflow cluster offset=0x%" PRIx64,
-                          cluster << header_.cluster_bits));
+        Corruption(
+            Format("ERROR: overflow cluster offset=0x%" PRIx64, cluster << header_.cluster_bits));
       }
       count += static_cast<uint32_t>(std::min(times, room));
     }

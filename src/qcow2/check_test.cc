@@ -68,8 +68,8 @@ uint64_t JsonOr0(const nlohmann::json& j, const char* key) {
 // zqcow's verdict equals qemu-img's; returns zqcow's result.
 CheckResult ExpectSameVerdict(const std::string& path, int expected_exit_code) {
   QemuCheck qemu = RunQemuCheck(path);
-  EXPECT_EQ(qemu.exit_code, expected_exit_code) << "the test image is not what the test means: "
-                                                << qemu.output;
+  EXPECT_EQ(qemu.exit_code, expected_exit_code)
+      << "the test image is not what the test means: " << qemu.output;
   auto ours = CheckImage(path);
   EXPECT_TRUE(ours.ok()) << ours.status().ToString();
   if (!ours.ok()) return {};
@@ -87,8 +87,8 @@ void RunOrFail(const std::string& command) {
 struct Layout {
   format::Header header;
   format::Geometry geometry;
-  uint64_t l2_offset = 0;         // first L2 table
-  uint64_t refcount_block = 0;    // first refcount block
+  uint64_t l2_offset = 0;       // first L2 table
+  uint64_t refcount_block = 0;  // first refcount block
 };
 
 Layout ReadLayout(const std::vector<uint8_t>& file) {
@@ -144,7 +144,7 @@ TEST_P(CleanImageTest, ChecksCleanWithQemuFigures) {
   TempDir dir;
   const std::string image = dir.File("img.qcow2");
   RunOrFail("qemu-img create -q -f qcow2 -o " + c.create_options + " " + ShellQuote(image) + " " +
-      std::to_string(c.virtual_size));
+            std::to_string(c.virtual_size));
   auto info = ReadImageInfo(image);
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   std::string commands;
@@ -177,30 +177,54 @@ TEST_P(CleanImageTest, ChecksCleanWithQemuFigures) {
 
 const CleanCase kCleanCases[] = {
     {"empty", "cluster_size=65536", 64 << 20, {}},
-    {"normal_writes", "cluster_size=65536", 16 << 20,
+    {"normal_writes",
+     "cluster_size=65536",
+     16 << 20,
      {"write -P 0x11 0 256k", "write -P 0x22 1M 64k", "write -P 0x33 4000k 100k"}},
-    {"compressed_zlib", "cluster_size=65536", 16 << 20,
+    {"compressed_zlib",
+     "cluster_size=65536",
+     16 << 20,
      {"write -c -P 0x5a 0 64k", "write -c -s SRC1048576 1M 1M", "write -P 0x22 3M 64k"}},
-    {"compressed_zstd", "cluster_size=65536,compression_type=zstd", 16 << 20,
+    {"compressed_zstd",
+     "cluster_size=65536,compression_type=zstd",
+     16 << 20,
      {"write -c -s SRC1048576 0 1M", "write -c -P 0x5a 2M 64k"}},
-    {"zero_and_discard", "cluster_size=65536", 16 << 20,
+    {"zero_and_discard",
+     "cluster_size=65536",
+     16 << 20,
      {"write -P 0x11 0 1M", "write -c -s SRC524288 2M 512k", "write -z 128k 128k",
       "discard 512k 128k", "write -z 5M 64k", "discard 2M 64k", "write -z 2112k 64k"}},
-    {"preallocated_zero", "cluster_size=65536", 16 << 20,
+    {"preallocated_zero",
+     "cluster_size=65536",
+     16 << 20,
      {"write -P 0x11 0 256k", "write -z 64k 64k"}},
-    {"cluster_512", "cluster_size=512", 4 << 20,
+    {"cluster_512",
+     "cluster_size=512",
+     4 << 20,
      {"write -c -s SRC32768 0 32k", "write -P 0x11 64k 4k", "write -c -P 0x5a 128k 8k"}},
-    {"cluster_4096", "cluster_size=4096", 8 << 20,
+    {"cluster_4096",
+     "cluster_size=4096",
+     8 << 20,
      {"write -c -s SRC131072 0 128k", "write -P 0x11 1M 16k", "write -z 8k 8k"}},
-    {"cluster_2m", "cluster_size=2M", 32 << 20,
+    {"cluster_2m",
+     "cluster_size=2M",
+     32 << 20,
      {"write -c -s SRC8388608 0 8M", "write -P 0x11 10M 2M", "write -c -P 0x5a 14M 2M"}},
-    {"refcount_bits_1", "cluster_size=4096,refcount_bits=1", 8 << 20,
+    {"refcount_bits_1",
+     "cluster_size=4096,refcount_bits=1",
+     8 << 20,
      {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
-    {"refcount_bits_16", "cluster_size=4096,refcount_bits=16", 8 << 20,
+    {"refcount_bits_16",
+     "cluster_size=4096,refcount_bits=16",
+     8 << 20,
      {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
-    {"refcount_bits_64", "cluster_size=4096,refcount_bits=64", 8 << 20,
+    {"refcount_bits_64",
+     "cluster_size=4096,refcount_bits=64",
+     8 << 20,
      {"write -c -s SRC65536 0 64k", "write -P 0x11 1M 16k"}},
-    {"version_2", "cluster_size=65536,compat=0.10", 16 << 20,
+    {"version_2",
+     "cluster_size=65536,compat=0.10",
+     16 << 20,
      {"write -c -s SRC524288 0 512k", "write -P 0x11 1M 64k", "discard 1M 64k"}},
 };
 
@@ -228,7 +252,8 @@ class DamagedImageTest : public ::testing::Test {
     ASSERT_TRUE(::zqcow::testing::HaveQemu());
     base_ = dir_.File("base.qcow2");
     RunOrFail("qemu-img create -q -f qcow2 " + ShellQuote(base_) + " 4M");
-    RunOrFail("qemu-io -f qcow2 -c 'write -c -P 0x11 0 64k' -c 'write -P 0x22 64k 64k' "
+    RunOrFail(
+        "qemu-io -f qcow2 -c 'write -c -P 0x11 0 64k' -c 'write -P 0x22 64k 64k' "
         "-c 'write -c -P 0x33 128k 64k' -c 'write -P 0x44 192k 64k' " +
         ShellQuote(base_));
     bytes_ = ReadWholeFile(base_);
@@ -267,8 +292,9 @@ TEST_F(DamagedImageTest, RefcountDecreasedIsCorruption) {
     format::SetRefcount(RefcountBlock(b, l), cluster, order(), 0);
   });
   CheckResult r = ExpectSameVerdict(path, kQemuCorrupt);
-  EXPECT_NE(Messages(r).find("ERROR cluster " + std::to_string(cluster) + " refcount=0 reference=1"),
-            std::string::npos)
+  EXPECT_NE(
+      Messages(r).find("ERROR cluster " + std::to_string(cluster) + " refcount=0 reference=1"),
+      std::string::npos)
       << Messages(r);
 }
 
@@ -323,15 +349,15 @@ TEST_F(DamagedImageTest, CompressedSectorsRunningPastEndOfFile) {
     return (raw & ~(format::CompressedSectorsMask(g) << x)) | (sectors << x);
   };
   // A few sectors more stay inside the host cluster: QEMU does not mind, neither do we.
-  ExpectSameVerdict(Damage("sectors_small", [&](auto& b, const Layout& l) {
-                      SetL2Raw(b, l, index, with_sectors(3));
-                    }),
-                    kQemuClean);
+  ExpectSameVerdict(
+      Damage("sectors_small",
+             [&](auto& b, const Layout& l) { SetL2Raw(b, l, index, with_sectors(3)); }),
+      kQemuClean);
   // Into the next cluster (which holds a normal cluster): that one is referenced twice.
-  ExpectSameVerdict(Damage("sectors_next", [&](auto& b, const Layout& l) {
-                      SetL2Raw(b, l, index, with_sectors(200));
-                    }),
-                    kQemuCorrupt);
+  ExpectSameVerdict(
+      Damage("sectors_next",
+             [&](auto& b, const Layout& l) { SetL2Raw(b, l, index, with_sectors(200)); }),
+      kQemuCorrupt);
   // A descriptor starting in the last cluster and running a whole cluster past the end.
   const std::string path = Damage("sectors_eof", [&](auto& b, const Layout& l) {
     const uint64_t last_cluster = (b.size() - 1) & ~(g.cluster_size() - 1);
@@ -362,29 +388,31 @@ TEST_F(DamagedImageTest, CopiedFlagClearedIsCorruption) {
 
 TEST_F(DamagedImageTest, CopiedFlagOnSharedClusterIsCorruption) {
   // Guest cluster 3 points at guest cluster 1's host cluster: referenced twice, refcount 1.
-  const std::string path = Damage("shared_normal", [&](auto& b, const Layout& l) {
-    SetL2Raw(b, l, 3, L2Raw(b, l, 1));
-  });
+  const std::string path =
+      Damage("shared_normal", [&](auto& b, const Layout& l) { SetL2Raw(b, l, 3, L2Raw(b, l, 1)); });
   ExpectSameVerdict(path, kQemuCorrupt);
 }
 
 TEST_F(DamagedImageTest, ReservedBitsAreCorruption) {
-  ExpectSameVerdict(Damage("l2_reserved", [&](auto& b, const Layout& l) {
-                      SetL2Raw(b, l, 1, L2Raw(b, l, 1) | (uint64_t{1} << 57));
-                    }),
+  ExpectSameVerdict(Damage("l2_reserved",
+                           [&](auto& b, const Layout& l) {
+                             SetL2Raw(b, l, 1, L2Raw(b, l, 1) | (uint64_t{1} << 57));
+                           }),
                     kQemuCorrupt);
-  ExpectSameVerdict(Damage("l1_reserved", [&](auto& b, const Layout& l) {
-                      const uint64_t at = l.header.l1_table_offset;
-                      format::StoreBE64(&b[at], format::LoadBE64(&b[at]) | (uint64_t{1} << 58));
-                    }),
+  ExpectSameVerdict(Damage("l1_reserved",
+                           [&](auto& b, const Layout& l) {
+                             const uint64_t at = l.header.l1_table_offset;
+                             format::StoreBE64(&b[at],
+                                               format::LoadBE64(&b[at]) | (uint64_t{1} << 58));
+                           }),
                     kQemuCorrupt);
 }
 
 TEST_F(DamagedImageTest, UnalignedDataOffsetIsCorruption) {
-  ExpectSameVerdict(Damage("unaligned", [&](auto& b, const Layout& l) {
-                      SetL2Raw(b, l, 1, L2Raw(b, l, 1) + 512);
-                    }),
-                    kQemuCorrupt);
+  ExpectSameVerdict(
+      Damage("unaligned",
+             [&](auto& b, const Layout& l) { SetL2Raw(b, l, 1, L2Raw(b, l, 1) + 512); }),
+      kQemuCorrupt);
 }
 
 TEST_F(DamagedImageTest, BadRefcountBlockOffsetIsCorruption) {
@@ -398,10 +426,11 @@ TEST_F(DamagedImageTest, BadRefcountBlockOffsetIsCorruption) {
   auto ours = CheckImage(unaligned);
   ASSERT_TRUE(ours.ok()) << ours.status().ToString();
   EXPECT_EQ(ours->corruptions, JsonOr0(qemu.json, "corruptions")) << Messages(*ours);
-  ExpectSameVerdict(Damage("refblock_outside", [&](auto& b, const Layout& l) {
-                      format::StoreBE64(&b[l.header.refcount_table_offset],
-                                        uint64_t{1} << 40);
-                    }),
+  ExpectSameVerdict(Damage("refblock_outside",
+                           [&](auto& b, const Layout& l) {
+                             format::StoreBE64(&b[l.header.refcount_table_offset],
+                                               uint64_t{1} << 40);
+                           }),
                     kQemuCorrupt);
 }
 
@@ -449,11 +478,11 @@ TEST_F(DamagedImageTest, RandomMetadataDamageAgreesWithQemu) {
           case 1: {  // an L2 entry: point somewhere in or near the file
             const uint64_t at = l.l2_offset + (rng() % 6) * 8;
             const uint64_t offset = rng() % (b.size() + 2 * c);
-            format::StoreBE64(&b[at], rng() % 2 ? format::EncodeNormalL2Entry(
-                                                      format::HostOffset(offset & ~(c - 1)), true)
-                                                : format::EncodeCompressedL2Entry(
-                                                      format::HostOffset(offset),
-                                                      1 + rng() % (c - 1), l.geometry));
+            format::StoreBE64(
+                &b[at],
+                rng() % 2 ? format::EncodeNormalL2Entry(format::HostOffset(offset & ~(c - 1)), true)
+                          : format::EncodeCompressedL2Entry(format::HostOffset(offset),
+                                                            1 + rng() % (c - 1), l.geometry));
             break;
           }
           case 2: {  // a refcount
@@ -477,8 +506,8 @@ TEST_F(DamagedImageTest, RandomMetadataDamageAgreesWithQemu) {
       continue;  // QEMU could not finish (check errors)
     }
     ++compared;
-    EXPECT_EQ(Verdict(*ours), qemu.exit_code)
-        << "round " << round << "\n" << Messages(*ours) << "qemu: " << qemu.output;
+    EXPECT_EQ(Verdict(*ours), qemu.exit_code) << "round " << round << "\n"
+                                              << Messages(*ours) << "qemu: " << qemu.output;
   }
   EXPECT_GT(compared, 30);
 }
@@ -510,7 +539,8 @@ TEST(CheckTest, ReadImageInfoMatchesQemuImgInfo) {
   ASSERT_TRUE(::zqcow::testing::HaveQemu());
   TempDir dir;
   const std::string image = dir.File("info.qcow2");
-  RunOrFail("qemu-img create -q -f qcow2 -o cluster_size=4096,compression_type=zstd,refcount_bits=32 " +
+  RunOrFail(
+      "qemu-img create -q -f qcow2 -o cluster_size=4096,compression_type=zstd,refcount_bits=32 " +
       ShellQuote(image) + " 12345344");
   auto info = ReadImageInfo(image);
   ASSERT_TRUE(info.ok()) << info.status().ToString();
@@ -527,7 +557,7 @@ TEST(CheckTest, ReadImageInfoMatchesQemuImgInfo) {
 
   const std::string v2 = dir.File("v2.qcow2");
   RunOrFail("qemu-img create -q -f qcow2 -o compat=0.10 -b " + ShellQuote(image) + " -F qcow2 " +
-      ShellQuote(v2));
+            ShellQuote(v2));
   auto info2 = ReadImageInfo(v2);
   ASSERT_TRUE(info2.ok()) << info2.status().ToString();
   EXPECT_EQ(info2->version, 2u);
