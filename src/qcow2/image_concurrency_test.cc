@@ -104,7 +104,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Params{false, IoOptions::WriteCache::kOn, 65536},
                       Params{false, IoOptions::WriteCache::kOff, 65536},
                       Params{true, IoOptions::WriteCache::kAuto, 4096},
-                      Params{false, IoOptions::WriteCache::kAuto, 4096}));
+                      Params{false, IoOptions::WriteCache::kAuto, 4096},
+                      Params{true, IoOptions::WriteCache::kOn, 512}));
 
 }  // namespace
 }  // namespace zqcow::qcow2

@@ -67,9 +67,20 @@ inline Status WriteCluster(Image* image, codec::Compressor* compressor, uint64_t
   return image->WriteCompressed(offset, compressed);
 }
 
-inline void ExpectCleanAndEqual(const std::string& image, const RawTwin& raw) {
+// `incomplete`: the image is expected to carry the dirty bit (CloseIncomplete).
+inline void ExpectCleanAndEqual(const std::string& image, const RawTwin& raw,
+                                bool incomplete = false) {
   auto check = zqcow::testing::QemuImgCheck(image);
   EXPECT_EQ(check.exit_code, 0) << check.output;
+  // zqcow's own checker must agree with qemu-img.
+  auto own = CheckImage(image);
+  EXPECT_TRUE(own.ok()) << own.status().ToString();
+  if (own.ok()) {
+    EXPECT_EQ(own->corruptions, 0u);
+    EXPECT_EQ(own->leaks, 0u);
+    EXPECT_EQ(own->incomplete, incomplete);
+    for (const auto& m : own->messages) ADD_FAILURE() << m;
+  }
   raw.Save();
   auto compare = zqcow::testing::QemuImgCompare(raw.path(), "raw", image, "qcow2");
   EXPECT_EQ(compare.exit_code, 0) << compare.output;
