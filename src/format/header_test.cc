@@ -210,6 +210,22 @@ INSTANTIATE_TEST_SUITE_P(
       return name;
     });
 
+TEST(HeaderTest, ParsesZeroSizedQemuImages) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  TempDir dir;
+  for (const char* compat : {"1.1", "0.10"}) {
+    const std::string path = dir.File(std::string(compat) + ".qcow2");
+    auto r = RunCommand("qemu-img create -q -f qcow2 -o compat=" + std::string(compat) + " " +
+                        ShellQuote(path) + " 0");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    std::vector<uint8_t> file = ReadWholeFile(path);
+    auto h = ParseHeader(file, file.size());
+    ASSERT_TRUE(h.ok()) << compat << ": " << h.status().ToString();
+    EXPECT_EQ(h->size, 0u);
+    EXPECT_EQ(h->l1_size, 0u);
+  }
+}
+
 TEST(HeaderTest, ParsesQemuBackingFileName) {
   ASSERT_TRUE(::zqcow::testing::HaveQemu());
   TempDir dir;

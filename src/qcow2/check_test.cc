@@ -177,6 +177,7 @@ TEST_P(CleanImageTest, ChecksCleanWithQemuFigures) {
 
 const CleanCase kCleanCases[] = {
     {"empty", "cluster_size=65536", 64 << 20, {}},
+    {"zero_size_v2", "compat=0.10", 0, {}},
     {"normal_writes",
      "cluster_size=65536",
      16 << 20,
