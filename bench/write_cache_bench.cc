@@ -58,7 +58,8 @@ const Workload& GetWorkload() {
     std::mt19937_64 rng(kSeed);
     uint64_t bump = kClusterSize;  // cluster 0 stands for the image header
     while (bump < kTotalBytes + kClusterSize) {
-      const uint32_t length = kMinPiece + static_cast<uint32_t>(rng() % (kMaxPiece - kMinPiece + 1));
+      const uint32_t length =
+          kMinPiece + static_cast<uint32_t>(rng() % (kMaxPiece - kMinPiece + 1));
       w.pieces.push_back({bump, length});
       bump += length;
     }
@@ -132,8 +133,8 @@ void RunWrites(benchmark::State& state, bool direct, bool cache_enabled) {
   }
   std::remove(path.c_str());
   state.SetBytesProcessed(static_cast<int64_t>(bytes));
-  state.counters["MB/s"] = benchmark::Counter(static_cast<double>(bytes) / 1e6,
-                                              benchmark::Counter::kIsRate);
+  state.counters["MB/s"] =
+      benchmark::Counter(static_cast<double>(bytes) / 1e6, benchmark::Counter::kIsRate);
 }
 
 void BM_DirectCache(benchmark::State& state) { RunWrites(state, true, true); }
@@ -141,8 +142,9 @@ void BM_DirectNoCache(benchmark::State& state) { RunWrites(state, true, false); 
 void BM_BufferedCache(benchmark::State& state) { RunWrites(state, false, true); }
 void BM_BufferedNoCache(benchmark::State& state) { RunWrites(state, false, false); }
 
-#define ZQ_WRITE_CACHE_BENCH(name) \
-  BENCHMARK(name)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Iterations(2)->UseRealTime()->Unit(benchmark::kMillisecond)
+#define ZQ_WRITE_CACHE_BENCH(name)                                                     \
+  BENCHMARK(name)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Iterations(2)->UseRealTime()->Unit( \
+      benchmark::kMillisecond)
 
 ZQ_WRITE_CACHE_BENCH(BM_DirectCache);
 ZQ_WRITE_CACHE_BENCH(BM_DirectNoCache);

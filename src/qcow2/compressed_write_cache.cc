@@ -244,9 +244,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       }
       unit.fills[ClusterIndex(host_cluster_offset)] = EmptyFill();
       if (unit.buffer.size() != 0) {
-        std::memset(unit.buffer.data() + (io::AlignDown(host_cluster_offset, cluster_size_) -
-                                          unit_offset),
-                    0, cluster_size_);
+        std::memset(
+            unit.buffer.data() + (io::AlignDown(host_cluster_offset, cluster_size_) - unit_offset),
+            0, cluster_size_);
       }
       if (std::none_of(unit.fills.begin(), unit.fills.end(),
                        [](const ClusterFill& fill) { return fill.touched(); })) {
@@ -356,9 +356,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     if (in_cluster + length > fill.data_end || fill.received + length > fill.data_end) {
       assert(!"compressed piece beyond the cluster's data end, or overlapping");
       return Status::InvalidArgument(
-          file_->path() + ": compressed data of " + std::to_string(length) + " bytes at host offset " +
-          Hex(offset) + " lies beyond the cluster's data end " + std::to_string(fill.data_end) +
-          " or overlaps data already written");
+          file_->path() + ": compressed data of " + std::to_string(length) +
+          " bytes at host offset " + Hex(offset) + " lies beyond the cluster's data end " +
+          std::to_string(fill.data_end) + " or overlaps data already written");
     }
     std::memcpy(unit->buffer.data() + in_unit, piece.data(), length);
     fill.received += length;
