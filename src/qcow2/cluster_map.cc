@@ -51,8 +51,8 @@ Result<std::shared_ptr<CachedTable>> ClusterMap::LoadL2(format::GuestCluster clu
   if (offset == 0) return std::shared_ptr<CachedTable>();
   if (auto hit = cache_->Find(offset)) return hit;
   if (offset + geometry_.cluster_size() > host_limit) {
-    return Status::Corruption(Where() + ": L2 table " + std::to_string(l1_index) +
-                              " at offset " + Hex(offset) + " lies past the end of the image");
+    return Status::Corruption(Where() + ": L2 table " + std::to_string(l1_index) + " at offset " +
+                              Hex(offset) + " lies past the end of the image");
   }
   ZQ_ASSIGN_OR_RETURN(auto data, ReadTable(file_, offset, geometry_.cluster_size()));
   return cache_->Insert(offset, TableKind::kL2, std::move(data), /*dirty=*/false);

@@ -3,6 +3,8 @@
 // The public entry points Image::Create / Image::Open: open the file with the requested
 // I/O mode and hand it to the engine (qcow2_create.cc / qcow2_open.cc).
 
+#include "zqcow/image.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -10,7 +12,6 @@
 #include "format/types.h"
 #include "io/file.h"
 #include "qcow2/qcow2_image.h"
-#include "zqcow/image.h"
 
 namespace zqcow {
 
@@ -36,8 +37,8 @@ uint64_t PeekClusterSize(const std::string& path) {
 
 }  // namespace
 
-Result<std::unique_ptr<Image>> Image::Create(const std::string& path,
-                                             const CreateOptions& options, const IoOptions& io) {
+Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const CreateOptions& options,
+                                             const IoOptions& io) {
   io::FileOptions file_options;
   file_options.writable = true;
   file_options.create = true;

@@ -69,7 +69,8 @@ TEST_P(ConcurrentWriteTest, SixteenWritersPassCheckAndCompare) {
     threads.emplace_back([&] {
       auto compressor = NewCompressor(Compression::kZstd);
       for (uint64_t c = next++; c < clusters; c = next++) {
-        Status s = testing::WriteCluster(image.get(), compressor.get(), c * p.cluster_size, data[c]);
+        Status s =
+            testing::WriteCluster(image.get(), compressor.get(), c * p.cluster_size, data[c]);
         if (!s.ok()) {
           ADD_FAILURE() << s.ToString();
           ++failures;
@@ -97,15 +98,14 @@ TEST_P(ConcurrentWriteTest, SixteenWritersPassCheckAndCompare) {
   ExpectCleanAndEqual(path, raw);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Modes, ConcurrentWriteTest,
-    ::testing::Values(Params{true, IoOptions::WriteCache::kOn, 65536},
-                      Params{true, IoOptions::WriteCache::kOff, 65536},
-                      Params{false, IoOptions::WriteCache::kOn, 65536},
-                      Params{false, IoOptions::WriteCache::kOff, 65536},
-                      Params{true, IoOptions::WriteCache::kAuto, 4096},
-                      Params{false, IoOptions::WriteCache::kAuto, 4096},
-                      Params{true, IoOptions::WriteCache::kOn, 512}));
+INSTANTIATE_TEST_SUITE_P(Modes, ConcurrentWriteTest,
+                         ::testing::Values(Params{true, IoOptions::WriteCache::kOn, 65536},
+                                           Params{true, IoOptions::WriteCache::kOff, 65536},
+                                           Params{false, IoOptions::WriteCache::kOn, 65536},
+                                           Params{false, IoOptions::WriteCache::kOff, 65536},
+                                           Params{true, IoOptions::WriteCache::kAuto, 4096},
+                                           Params{false, IoOptions::WriteCache::kAuto, 4096},
+                                           Params{true, IoOptions::WriteCache::kOn, 512}));
 
 }  // namespace
 }  // namespace zqcow::qcow2

@@ -64,8 +64,8 @@ TEST_P(QemuWrittenTest, ReadsBackLikeQemuAndAppends) {
   auto written = RunCommand("qemu-io -f qcow2" + cmds + " " + ShellQuote(image));
   ASSERT_EQ(written.exit_code, 0) << written.output;
   const std::string expected_path = dir.File("q.raw");
-  auto converted = RunCommand("qemu-img convert -O raw " + ShellQuote(image) + " " +
-                              ShellQuote(expected_path));
+  auto converted =
+      RunCommand("qemu-img convert -O raw " + ShellQuote(image) + " " + ShellQuote(expected_path));
   ASSERT_EQ(converted.exit_code, 0) << converted.output;
   std::vector<uint8_t> expected = ReadWholeFile(expected_path);
   ASSERT_EQ(expected.size(), size);

@@ -5,9 +5,8 @@
 // malformed images refused with clear errors.
 
 #include <fcntl.h>
-#include <unistd.h>
-
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <fstream>
@@ -203,8 +202,9 @@ TEST(ImageLifecycleTest, SparseSixGibWithDataAtBothEnds) {
     ASSERT_GE(fd, 0);
     ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(options.virtual_size)), 0);
     ASSERT_EQ(::pwrite(fd, head.data(), head.size(), 0), static_cast<ssize_t>(head.size()));
-    ASSERT_EQ(::pwrite(fd, tail.data(), tail.size(), static_cast<off_t>(options.virtual_size - 65536)),
-              static_cast<ssize_t>(tail.size()));
+    ASSERT_EQ(
+        ::pwrite(fd, tail.data(), tail.size(), static_cast<off_t>(options.virtual_size - 65536)),
+        static_cast<ssize_t>(tail.size()));
     ::close(fd);
   }
   auto check = QemuImgCheck(path);

@@ -4,6 +4,8 @@
 // writes must pass `qemu-img check` and compare equal to a raw file with the same data;
 // images qemu writes must read back identically through zqcow.
 
+#include "zqcow/image.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,7 +18,6 @@
 #include "codec/codec.h"
 #include "qcow2/image_test_util.h"
 #include "testing/test_util.h"
-#include "zqcow/image.h"
 
 namespace zqcow {
 namespace {
@@ -57,8 +58,8 @@ TEST_P(ImageWriteTest, MixedNormalAndCompressedPassCheckAndCompare) {
   auto created = Image::Create(path, options);
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   auto image = std::move(created).value();
-  auto compressor = codec::MakeCompressor(CodecOf(p.compression),
-                                          codec::DefaultLevel(CodecOf(p.compression)));
+  auto compressor =
+      codec::MakeCompressor(CodecOf(p.compression), codec::DefaultLevel(CodecOf(p.compression)));
   ASSERT_TRUE(compressor.ok());
   RawTwin raw(dir.File("a.raw"), size);
   for (uint64_t c = 0; c < clusters; ++c) {

@@ -45,8 +45,8 @@ class MetadataCache {
   std::shared_ptr<CachedTable> Find(uint64_t host_offset);
   // Adds a table (REQUIRES: not cached yet); evicts clean unpinned entries beyond the
   // budget first. Returns the new entry.
-  std::shared_ptr<CachedTable> Insert(uint64_t host_offset, TableKind kind,
-                                      io::AlignedBuffer data, bool dirty);
+  std::shared_ptr<CachedTable> Insert(uint64_t host_offset, TableKind kind, io::AlignedBuffer data,
+                                      bool dirty);
   void MarkDirty(CachedTable& table) { table.dirty = true; }
   void MarkClean(CachedTable& table) { table.dirty = false; }
   // Drops the entry regardless of its state (the cluster was freed).

@@ -18,8 +18,8 @@ TEST(MetadataCacheTest, EvictsOnlyCleanUnpinnedLeastRecentlyUsed) {
     cache.Insert(i * kClusterSize, TableKind::kL2, io::AlignedBuffer(kClusterSize), false);
   }
   EXPECT_FALSE(cache.over_budget());
-  EXPECT_NE(cache.Find(0), nullptr);              // pinned: kept although oldest
-  EXPECT_NE(cache.Find(kClusterSize), nullptr);   // dirty: kept
+  EXPECT_NE(cache.Find(0), nullptr);                 // pinned: kept although oldest
+  EXPECT_NE(cache.Find(kClusterSize), nullptr);      // dirty: kept
   EXPECT_EQ(cache.Find(2 * kClusterSize), nullptr);  // clean, old: evicted
   EXPECT_NE(cache.Find(39 * kClusterSize), nullptr);
 }

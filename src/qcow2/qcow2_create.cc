@@ -27,7 +27,9 @@ constexpr uint64_t kMaxInitialRefcountTableBytes = 1u << 20;
 constexpr uint64_t kMaxL1Bytes = 32ull << 20;
 
 Status ValidateCreateOptions(const std::string& path, const CreateOptions& options) {
-  auto invalid = [&](const std::string& what) { return Status::InvalidArgument(path + ": " + what); };
+  auto invalid = [&](const std::string& what) {
+    return Status::InvalidArgument(path + ": " + what);
+  };
   if (!std::has_single_bit(options.cluster_size) ||
       options.cluster_size < (1u << format::kMinClusterBits) ||
       options.cluster_size > (1u << format::kMaxClusterBits)) {
@@ -68,13 +70,15 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
                                    " needs an L1 table above 32 MiB at cluster size " +
                                    std::to_string(cluster_size));
   }
-  const uint64_t l1_clusters = std::max<uint64_t>(1, (l1_size * 8 + cluster_size - 1) / cluster_size);
+  const uint64_t l1_clusters =
+      std::max<uint64_t>(1, (l1_size * 8 + cluster_size - 1) / cluster_size);
 
   // Expected host clusters: all data, all L2 tables, the L1, some slack.
   uint64_t data_clusters = (options.virtual_size + cluster_size - 1) / cluster_size;
   uint64_t expected = data_clusters + l1_size + l1_clusters + 16;
   uint64_t table_entries = expected / refcount_geometry.block_entries() + 2;
-  uint64_t table_bytes = std::min(table_entries * 8, std::max(kMaxInitialRefcountTableBytes, cluster_size));
+  uint64_t table_bytes =
+      std::min(table_entries * 8, std::max(kMaxInitialRefcountTableBytes, cluster_size));
   const uint32_t table_clusters =
       static_cast<uint32_t>(std::max<uint64_t>(1, (table_bytes + cluster_size - 1) / cluster_size));
 

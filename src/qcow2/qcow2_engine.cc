@@ -26,9 +26,15 @@ CompressedWriteCache::Options CacheOptions(const IoOptions& io, bool direct_io,
                                            uint64_t cluster_size) {
   CompressedWriteCache::Options options;
   switch (io.write_cache) {
-    case IoOptions::WriteCache::kOn: options.enabled = true; break;
-    case IoOptions::WriteCache::kOff: options.enabled = false; break;
-    case IoOptions::WriteCache::kAuto: options.enabled = direct_io; break;
+    case IoOptions::WriteCache::kOn:
+      options.enabled = true;
+      break;
+    case IoOptions::WriteCache::kOff:
+      options.enabled = false;
+      break;
+    case IoOptions::WriteCache::kAuto:
+      options.enabled = direct_io;
+      break;
   }
   options.max_clusters = std::max<size_t>(1, io.write_cache_bytes / cluster_size);
   options.drop_page_cache = io.drop_page_cache;
@@ -54,14 +60,14 @@ Qcow2Image::Qcow2Image(Parts parts)
       writable_(parts.writable),
       file_size_at_open_(parts.file_size),
       header_cluster_(std::move(parts.header_cluster)) {
-  write_cache_ = CompressedWriteCache::Create(
-      file_.get(), static_cast<uint32_t>(cluster_size_),
-      CacheOptions(parts.io, file_->direct_io(), cluster_size_));
+  write_cache_ =
+      CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
+                                   CacheOptions(parts.io, file_->direct_io(), cluster_size_));
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
                                                     static_cast<uint32_t>(cluster_size_));
-  cluster_map_ = std::make_unique<ClusterMap>(file_.get(), metadata_cache_.get(), geometry_,
-                                              parts.l1_offset, header_.l1_size,
-                                              std::move(parts.l1));
+  cluster_map_ =
+      std::make_unique<ClusterMap>(file_.get(), metadata_cache_.get(), geometry_, parts.l1_offset,
+                                   header_.l1_size, std::move(parts.l1));
   if (writable_) {
     format::RefcountGeometry refcount_geometry{header_.cluster_bits, header_.refcount_order};
     refcounts_ = std::make_unique<Refcounts>(
@@ -101,9 +107,8 @@ Status Qcow2Image::Error(const std::string& what) const {
 
 Status Qcow2Image::CheckRange(uint64_t guest_offset, uint64_t length) const {
   if (guest_offset > header_.size || length > header_.size - guest_offset) {
-    return Error("guest range [" + std::to_string(guest_offset) + ", +" +
-                 std::to_string(length) + ") is beyond the virtual size " +
-                 std::to_string(header_.size));
+    return Error("guest range [" + std::to_string(guest_offset) + ", +" + std::to_string(length) +
+                 ") is beyond the virtual size " + std::to_string(header_.size));
   }
   return Status::OK();
 }
@@ -292,8 +297,8 @@ Status Qcow2Image::Write(uint64_t guest_offset, std::span<const uint8_t> data) {
     uint64_t offset = guest_offset + done;
     uint64_t in_cluster = geometry_.offset_in_cluster(offset);
     uint64_t n = std::min<uint64_t>(data.size() - done, cluster_size_ - in_cluster);
-    ZQ_RETURN_IF_ERROR(WriteOneCluster(GuestCluster(offset >> geometry_.cluster_bits),
-                                       in_cluster, data.subspan(done, n)));
+    ZQ_RETURN_IF_ERROR(WriteOneCluster(GuestCluster(offset >> geometry_.cluster_bits), in_cluster,
+                                       data.subspan(done, n)));
     done += n;
   }
   return Status::OK();
@@ -361,8 +366,8 @@ Status Qcow2Image::WriteZeroes(uint64_t guest_offset, uint64_t length) {
   // Whole clusters: those fully inside the range; the last (partial) cluster of the image
   // counts as whole when the range reaches the virtual size.
   uint64_t first_whole = io::AlignUp(guest_offset, cluster_size_);
-  uint64_t end_whole = end == header_.size ? io::AlignUp(end, cluster_size_)
-                                           : io::AlignDown(end, cluster_size_);
+  uint64_t end_whole =
+      end == header_.size ? io::AlignUp(end, cluster_size_) : io::AlignDown(end, cluster_size_);
   std::vector<uint8_t> zeros;
   auto write_zeros = [&](uint64_t from, uint64_t to) -> Status {
     if (from >= to) return Status::OK();
@@ -381,8 +386,8 @@ Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
   const uint64_t end = guest_offset + length;
   uint64_t first_whole = io::AlignUp(guest_offset, cluster_size_);
-  uint64_t end_whole = end == header_.size ? io::AlignUp(end, cluster_size_)
-                                           : io::AlignDown(end, cluster_size_);
+  uint64_t end_whole =
+      end == header_.size ? io::AlignUp(end, cluster_size_) : io::AlignDown(end, cluster_size_);
   if (first_whole >= end_whole) return Status::OK();
   return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
                               (end_whole - first_whole) >> geometry_.cluster_bits,

@@ -61,9 +61,9 @@ class Qcow2Image final : public Image {
     io::AlignedBuffer l1;  // whole clusters
     uint64_t refcount_table_offset = 0;
     uint32_t refcount_table_clusters = 0;
-    io::AlignedBuffer refcount_table;    // whole clusters (writable only)
-    format::HostCluster next_free;       // writable only
-    uint64_t file_size = 0;              // at open
+    io::AlignedBuffer refcount_table;  // whole clusters (writable only)
+    format::HostCluster next_free;     // writable only
+    uint64_t file_size = 0;            // at open
   };
 
   explicit Qcow2Image(Parts parts);

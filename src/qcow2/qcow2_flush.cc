@@ -85,7 +85,8 @@ Status Qcow2Image::FlushLocked() {
 Status Qcow2Image::MaybeFlushLocked() {
   if (metadata_cache_->over_budget()) {
     metadata_cache_->Trim();
-    if (!metadata_cache_->over_budget() && refcounts_->pending_decrements() <= kMaxPendingDecrements) {
+    if (!metadata_cache_->over_budget() &&
+        refcounts_->pending_decrements() <= kMaxPendingDecrements) {
       return Status::OK();
     }
   } else if (refcounts_->pending_decrements() <= kMaxPendingDecrements) {

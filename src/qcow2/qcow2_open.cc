@@ -60,8 +60,10 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   const std::string path = file->path();
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   const uint64_t head_bytes = std::min(file_size, kMaxClusterSize);
-  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer head,
-                      ReadTable(file.get(), 0, io::AlignUp(std::max<uint64_t>(head_bytes, 1), io::kBufferAlignment)));
+  ZQ_ASSIGN_OR_RETURN(
+      io::AlignedBuffer head,
+      ReadTable(file.get(), 0,
+                io::AlignUp(std::max<uint64_t>(head_bytes, 1), io::kBufferAlignment)));
   auto parsed = format::ParseHeader(head.span().first(head_bytes), file_size);
   if (!parsed.ok()) return parsed.status().WithPrefix(path);
   format::Header header = std::move(parsed).value();
@@ -87,8 +89,9 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
     }
     if ((header.incompatible_features & format::kIncompatDirty) &&
         (header.compatible_features & format::kCompatLazyRefcounts)) {
-      return Status::NotSupported(path + ": image has lazy refcounts and was not closed "
-                                         "cleanly; repair it (qemu-img check -r all) first");
+      return Status::NotSupported(path +
+                                  ": image has lazy refcounts and was not closed "
+                                  "cleanly; repair it (qemu-img check -r all) first");
     }
   }
   if (file->direct_io() && file->alignment() > cluster_size) {
@@ -103,7 +106,8 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                               " entries is too small for virtual size " +
                               std::to_string(header.size));
   }
-  const uint64_t l1_bytes = io::AlignUp(std::max<uint64_t>(uint64_t{header.l1_size} * 8, 1), cluster_size);
+  const uint64_t l1_bytes =
+      io::AlignUp(std::max<uint64_t>(uint64_t{header.l1_size} * 8, 1), cluster_size);
   if (header.l1_table_offset % cluster_size != 0 ||
       header.l1_table_offset + uint64_t{header.l1_size} * 8 > file_size) {
     return Status::Corruption(path + ": L1 table at offset " + Hex(header.l1_table_offset) +
@@ -118,7 +122,8 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                               std::to_string(header.refcount_table_clusters) +
                               " clusters) lies past the end of the file");
   }
-  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer l1, ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer l1,
+                      ReadTable(file.get(), header.l1_table_offset, l1_bytes));
   ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer header_cluster, ReadTable(file.get(), 0, cluster_size));
 
   Qcow2Image::Parts parts;
@@ -132,9 +137,9 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                         ReadTable(file.get(), header.refcount_table_offset, table_bytes));
     format::RefcountGeometry rg{header.cluster_bits, header.refcount_order};
     ZQ_ASSIGN_OR_RETURN(uint64_t refcounted_end, RefcountedEnd(file.get(), table, rg, file_size));
-    uint64_t end = std::max({io::AlignUp(file_size, cluster_size), refcounted_end,
-                             header.l1_table_offset + l1_bytes,
-                             header.refcount_table_offset + table_bytes});
+    uint64_t end =
+        std::max({io::AlignUp(file_size, cluster_size), refcounted_end,
+                  header.l1_table_offset + l1_bytes, header.refcount_table_offset + table_bytes});
     parts.refcount_table_offset = header.refcount_table_offset;
     parts.refcount_table_clusters = header.refcount_table_clusters;
     parts.refcount_table = std::move(table);

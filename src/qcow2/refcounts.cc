@@ -20,9 +20,8 @@ std::string Hex(uint64_t v) {
 }
 }  // namespace
 
-Refcounts::Refcounts(io::File* file, MetadataCache* cache,
-                     const format::RefcountGeometry& geometry, uint64_t table_offset,
-                     uint32_t table_clusters, io::AlignedBuffer table,
+Refcounts::Refcounts(io::File* file, MetadataCache* cache, const format::RefcountGeometry& geometry,
+                     uint64_t table_offset, uint32_t table_clusters, io::AlignedBuffer table,
                      format::HostCluster next_free)
     : file_(file),
       cache_(cache),
