@@ -250,6 +250,48 @@ TEST(ConvertTest, HugeSparseSourceReadsAboutItsData) {
   EXPECT_EQ(compare.exit_code, 0) << compare.output;
 }
 
+TEST(ConvertTest, InOrderWritesStoreClustersInGuestOrder) {
+  TempDir dir;
+  const std::string source = dir.File("s.raw");
+  const std::string target = dir.File("t.qcow2");
+  constexpr uint32_t kClusterSize = 65536;
+  const uint64_t size = 4 * kMiB;
+  testing::WriteRawImage(source, size, DataKind::kText, 21);
+  ConvertOptions options;
+  options.workers = 4;
+  options.out_of_order = false;
+  Result<ConvertStats> stats = Convert(source, target, options);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  ASSERT_EQ(stats->clusters_compressed, size / kClusterSize);
+  // Compressed data is packed by one bump allocator in the order of the writes, so guest
+  // order in means host offsets increasing with guest offsets.
+  Result<std::unique_ptr<Image>> image = Image::Open(target, OpenOptions());
+  ASSERT_TRUE(image.ok()) << image.status().ToString();
+  uint64_t previous_host = 0;
+  for (uint64_t offset = 0; offset < size; offset += kClusterSize) {
+    Result<std::vector<MapExtent>> map = (*image)->Map(offset, kClusterSize);
+    ASSERT_TRUE(map.ok()) << map.status().ToString();
+    ASSERT_EQ(map->size(), 1u);
+    ASSERT_EQ((*map)[0].kind, MapExtent::Kind::kCompressed);
+    EXPECT_GT((*map)[0].host_offset, previous_host) << "guest offset " << offset;
+    previous_host = (*map)[0].host_offset;
+  }
+  EXPECT_TRUE((*image)->Close().ok());
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST(ConvertTest, DefaultConversionStaysFarBelow64MiBResident) {
+  TempDir dir;
+  const std::string source = dir.File("s.raw");
+  const std::string target = dir.File("t.qcow2");
+  testing::WriteRawImage(source, 16 * kMiB, DataKind::kMixed, 8);
+  Result<ConvertStats> stats = Convert(source, target, ConvertOptions());
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  // The whole test process's peak, so it bounds the pipeline's buffers from above.
+  EXPECT_LT(stats->peak_rss_bytes, 64 * kMiB);
+}
+#endif
+
 TEST(ConvertTest, MissingSourceIsNotFoundNamingIt) {
   TempDir dir;
   const std::string source = dir.File("nope.raw");
