@@ -204,7 +204,7 @@ TEST_P(QemuL2Test, DecodesWhatQemuIoWrites) {
   const uint32_t bits = GetParam();
   const Geometry g{bits};
   const uint64_t c = g.cluster_size();
-  const uint64_t n = bits <= 12 ? 40 : bits <= 16 ? 15 : 6;  // clusters from the source file
+  const uint64_t n = bits <= 12 ? 40 : bits <= 16 ? 15 : 5;  // clusters from the source file
   const uint64_t pattern_cluster = n, zero_cluster = n + 1, unallocated_cluster = n + 2;
   const uint64_t virtual_size = (n + 3) * c;
   ASSERT_LE(n + 3, g.l2_entries());  // one L2 table maps them all
