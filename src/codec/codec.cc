@@ -34,8 +34,8 @@ Status ValidateLevel(CompressionType type, int level) {
     case CompressionType::kDeflate:
       if (level >= kMinDeflateLevel && level <= kMaxDeflateLevel) return Status::OK();
       return Status::InvalidArgument("zlib compression level " + std::to_string(level) +
-                                     " is out of range " + std::to_string(kMinDeflateLevel) +
-                                     ".." + std::to_string(kMaxDeflateLevel));
+                                     " is out of range " + std::to_string(kMinDeflateLevel) + ".." +
+                                     std::to_string(kMaxDeflateLevel));
     case CompressionType::kZstd:
       // zstd treats 0 as "default"; we ask for an explicit level instead.
       if (level != 0 && level >= kMinZstdLevel && level <= kMaxZstdLevel) return Status::OK();
@@ -43,8 +43,8 @@ Status ValidateLevel(CompressionType type, int level) {
                                      " is out of range " + std::to_string(kMinZstdLevel) +
                                      "..-1, 1.." + std::to_string(kMaxZstdLevel));
   }
-  return Status::InvalidArgument("compression type " +
-                                 std::to_string(static_cast<int>(type)) + " is unknown");
+  return Status::InvalidArgument("compression type " + std::to_string(static_cast<int>(type)) +
+                                 " is unknown");
 }
 
 Result<std::unique_ptr<Compressor>> MakeCompressor(CompressionType type, int level) {

@@ -40,7 +40,8 @@ inline constexpr int kDeflateWindowBits = 12;
 // level. Every level writes a stream QEMU reads.
 //
 // Measured (Release, one core, 24 MiB of non-zero 64 KiB clusters taken from files in
-// /usr/bin, /usr/lib/x86_64-linux-gnu and /usr/share; two disjoint samples A / B):
+// /usr/bin, /usr/lib/x86_64-linux-gnu and /usr/share; two disjoint samples A / B; zlib at
+// memLevel 8, except L1 and L9 at memLevel 9):
 //   engine          MB/s (A)   output % of input (A / B)   vs zlib 6 (A / B)
 //   zlib -12 L1       117          26.63 / -                 +7.3%
 //   zlib -12 L5       105          24.97 / -                 +0.6%
@@ -51,10 +52,14 @@ inline constexpr int kDeflateWindowBits = 12;
 //   igzip L2          985          26.58 / 24.72             +7.1% / +8.2%
 //   igzip L3          510          26.41 / 24.48             +6.4% / +7.1%
 //   zstd 1 / 3 / 9   790 / 610 / 150   25.03 / 24.21 / 22.92 (A)
-// So the deflate default (3 = igzip L2) costs ~7-8% more space than QEMU's zlib 6 for
-// ~11x the speed; level 4 (igzip L3) trims another ~1% at half that speed; zlib levels
-// are only worth it when size matters more than time. zlib level 1 is never chosen: igzip
-// L1 gives the same size 9x faster.
+// So the deflate default (3 = igzip L2) costs ~7-8% more space than QEMU's zlib 6 on this
+// mixed data for ~11x the speed; level 4 (igzip L3) trims ~1% more at half that speed; the
+// zlib levels are only worth it when size matters more than time. zlib level 1 is never
+// chosen: igzip L1 gives the same size 9x faster. On single-kind samples (bench/codec_bench
+// with ZQCOW_BENCH_CORPUS = the first 16 MiB of one directory) igzip L2's excess over zlib 6
+// is +8.6% (/usr/bin), +9.7% (/usr/lib/x86_64-linux-gnu), +8.9% (/usr/lib/python3) and up
+// to +13% on highly compressible text (/usr/include, /usr/share: 2-6% of the input, where
+// the excess is few bytes); igzip L3 does no better there.
 //
 // zstd: levels 1..19 and the "fast" levels -5..-1; the default is 3, QEMU's fixed level.
 

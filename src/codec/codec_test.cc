@@ -27,8 +27,8 @@ constexpr size_t kLargestCluster = 2 << 20;
 // round-trip only the two data kinds that bracket the behaviour, to keep the test fast.
 constexpr int kFirstSlowZstdLevel = 16;
 bool SkipAtLargestCluster(CompressionType type, int level, const std::string& data_name) {
-  return type == CompressionType::kZstd && level >= kFirstSlowZstdLevel &&
-         data_name != "ones" && data_name != "random";
+  return type == CompressionType::kZstd && level >= kFirstSlowZstdLevel && data_name != "ones" &&
+         data_name != "random";
 }
 // Room for any codec's framing around small clusters.
 constexpr size_t kOutputSlack = 4096;
@@ -117,8 +117,7 @@ TEST(CodecLevelsTest, DefaultsAreValid) {
 
 TEST(CodecLevelsTest, OutOfRangeRejected) {
   for (int bad : {-1, 0, 10, 100}) {
-    EXPECT_EQ(ValidateLevel(CompressionType::kDeflate, bad).code(),
-              Status::Code::kInvalidArgument)
+    EXPECT_EQ(ValidateLevel(CompressionType::kDeflate, bad).code(), Status::Code::kInvalidArgument)
         << bad;
     auto compressor = MakeCompressor(CompressionType::kDeflate, bad);
     ASSERT_FALSE(compressor.ok());
@@ -172,13 +171,14 @@ std::vector<std::tuple<CompressionType, int>> AllTypesAndLevels() {
   return params;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllLevels, RoundTripTest, ::testing::ValuesIn(AllTypesAndLevels()),
-    [](const ::testing::TestParamInfo<RoundTripTest::ParamType>& info) {
-      const int level = std::get<1>(info.param);
-      return std::string(CompressionTypeName(std::get<0>(info.param))) + "_level_" +
-             (level < 0 ? "minus_" + std::to_string(-level) : std::to_string(level));
-    });
+INSTANTIATE_TEST_SUITE_P(AllLevels, RoundTripTest, ::testing::ValuesIn(AllTypesAndLevels()),
+                         [](const ::testing::TestParamInfo<RoundTripTest::ParamType>& info) {
+                           const int level = std::get<1>(info.param);
+                           return std::string(CompressionTypeName(std::get<0>(info.param))) +
+                                  "_level_" +
+                                  (level < 0 ? "minus_" + std::to_string(-level)
+                                             : std::to_string(level));
+                         });
 
 class CodecContractTest : public ::testing::TestWithParam<std::tuple<CompressionType, int>> {};
 
@@ -270,8 +270,8 @@ TEST_P(CodecContractTest, TrailingBytesIgnoredTruncationAndGarbageRejected) {
   EXPECT_EQ(status.code(), Status::Code::kCorruption) << status.ToString();
   // Random bytes and bit flips: whatever they decode to, never a crash or another error.
   for (uint64_t seed = 0; seed < 64; ++seed) {
-    std::vector<uint8_t> mangled = seed < 32 ? MakeData(DataKind::kRandom, stream.size(), seed)
-                                             : stream;
+    std::vector<uint8_t> mangled =
+        seed < 32 ? MakeData(DataKind::kRandom, stream.size(), seed) : stream;
     if (seed >= 32) {
       mangled[seed * 7919 % mangled.size()] ^= static_cast<uint8_t>(1u << (seed % 8));
     }
@@ -306,20 +306,21 @@ TEST_P(CodecContractTest, StreamEndingBeforeClusterIsFullIsCorruption) {
   EXPECT_EQ(status.code(), Status::Code::kCorruption) << status.ToString();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    DefaultAndEngines, CodecContractTest,
-    ::testing::Values(std::make_tuple(CompressionType::kDeflate, 1),
-                      std::make_tuple(CompressionType::kDeflate, 3),
-                      std::make_tuple(CompressionType::kDeflate, 4),
-                      std::make_tuple(CompressionType::kDeflate, 6),
-                      std::make_tuple(CompressionType::kZstd, -5),
-                      std::make_tuple(CompressionType::kZstd, 3),
-                      std::make_tuple(CompressionType::kZstd, 19)),
-    [](const ::testing::TestParamInfo<CodecContractTest::ParamType>& info) {
-      const int level = std::get<1>(info.param);
-      return std::string(CompressionTypeName(std::get<0>(info.param))) + "_level_" +
-             (level < 0 ? "minus_" + std::to_string(-level) : std::to_string(level));
-    });
+INSTANTIATE_TEST_SUITE_P(DefaultAndEngines, CodecContractTest,
+                         ::testing::Values(std::make_tuple(CompressionType::kDeflate, 1),
+                                           std::make_tuple(CompressionType::kDeflate, 3),
+                                           std::make_tuple(CompressionType::kDeflate, 4),
+                                           std::make_tuple(CompressionType::kDeflate, 6),
+                                           std::make_tuple(CompressionType::kZstd, -5),
+                                           std::make_tuple(CompressionType::kZstd, 3),
+                                           std::make_tuple(CompressionType::kZstd, 19)),
+                         [](const ::testing::TestParamInfo<CodecContractTest::ParamType>& info) {
+                           const int level = std::get<1>(info.param);
+                           return std::string(CompressionTypeName(std::get<0>(info.param))) +
+                                  "_level_" +
+                                  (level < 0 ? "minus_" + std::to_string(-level)
+                                             : std::to_string(level));
+                         });
 
 }  // namespace
 }  // namespace zqcow::codec

@@ -59,8 +59,7 @@ class IsalDeflateCompressor final : public Compressor {
     if (ret == STATELESS_OVERFLOW) return size_t{0};
     if (ret != COMP_OK) {
       return Status::InvalidArgument("igzip deflate level " + std::to_string(level_) +
-                                     ": isal_deflate_stateless failed with " +
-                                     std::to_string(ret));
+                                     ": isal_deflate_stateless failed with " + std::to_string(ret));
     }
     return static_cast<size_t>(stream_.total_out);
   }

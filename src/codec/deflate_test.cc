@@ -128,8 +128,8 @@ class DeflateLevelTest : public ::testing::TestWithParam<int> {};
 TEST_P(DeflateLevelTest, NeverReachesBeyondFourKiB) {
   auto compressor = MakeCompressor(CompressionType::kDeflate, GetParam());
   ASSERT_TRUE(compressor.ok());
-  for (const auto& data : {FarRepeatData(65536), FarRepeatTextData(65536),
-                           FarRepeatTextData(size_t{2} << 20)}) {
+  for (const auto& data :
+       {FarRepeatData(65536), FarRepeatTextData(65536), FarRepeatTextData(size_t{2} << 20)}) {
     const auto stream = Compress(**compressor, data);
     EXPECT_TRUE(FitsFourKiBWindow(stream, data)) << data.size();
   }
@@ -165,9 +165,9 @@ INSTANTIATE_TEST_SUITE_P(AllLevels, DeflateLevelTest,
 TEST(DeflateDecompressorTest, ReadsQemuStyleStreams) {
   const auto data = MakeData(DataKind::kMixed, 65536, 23);
   z_stream z{};
-  ASSERT_EQ(deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, kQemuWindowBits, 9,
-                         Z_DEFAULT_STRATEGY),
-            Z_OK);
+  ASSERT_EQ(
+      deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, kQemuWindowBits, 9, Z_DEFAULT_STRATEGY),
+      Z_OK);
   std::vector<uint8_t> stream(WorstCaseOutput(data.size()));
   z.next_in = const_cast<Bytef*>(data.data());
   z.avail_in = static_cast<uInt>(data.size());

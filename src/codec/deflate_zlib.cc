@@ -38,8 +38,8 @@ class ZlibDeflateCompressor final : public Compressor {
   ZlibDeflateCompressor& operator=(const ZlibDeflateCompressor&) = delete;
 
   Status Init(int level) {
-    const int ret =
-        deflateInit2(&stream_, level, Z_DEFLATED, kRawWindowBits, kZlibMemLevel, Z_DEFAULT_STRATEGY);
+    const int ret = deflateInit2(&stream_, level, Z_DEFLATED, kRawWindowBits, kZlibMemLevel,
+                                 Z_DEFAULT_STRATEGY);
     if (ret != Z_OK) return Status::InvalidArgument(ZlibError("deflateInit2", ret, stream_));
     initialized_ = true;
     return Status::OK();
@@ -106,11 +106,10 @@ class ZlibDeflateDecompressor final : public Decompressor {
       case Z_OK:
       case Z_BUF_ERROR:
         if (stream_.avail_out == 0) return Status::OK();
-        return Status::Corruption(
-            "deflate stream " +
-            std::string(ret == Z_STREAM_END ? "ended" : "is truncated") + " after " +
-            std::to_string(output.size() - stream_.avail_out) + " of " +
-            std::to_string(output.size()) + " bytes");
+        return Status::Corruption("deflate stream " +
+                                  std::string(ret == Z_STREAM_END ? "ended" : "is truncated") +
+                                  " after " + std::to_string(output.size() - stream_.avail_out) +
+                                  " of " + std::to_string(output.size()) + " bytes");
       case Z_MEM_ERROR:
         return Status::IOError(ZlibError("inflate", ret, stream_));
       default:  // Z_DATA_ERROR, Z_NEED_DICT

@@ -55,7 +55,8 @@ class ZstdDecompressor final : public Decompressor {
   ZstdDecompressor& operator=(const ZstdDecompressor&) = delete;
 
   Status Decompress(std::span<const uint8_t> input, std::span<uint8_t> output) override {
-    if (context_ == nullptr) return Status::IOError("zstd: cannot allocate a decompression context");
+    if (context_ == nullptr)
+      return Status::IOError("zstd: cannot allocate a decompression context");
     // Forget any frame left half-read by the previous cluster.
     size_t ret = ZSTD_DCtx_reset(context_, ZSTD_reset_session_only);
     if (ZSTD_isError(ret)) return Status::IOError(ZstdError("reset", ret));
