@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -321,6 +322,42 @@ INSTANTIATE_TEST_SUITE_P(DefaultAndEngines, CodecContractTest,
                                   (level < 0 ? "minus_" + std::to_string(-level)
                                              : std::to_string(level));
                          });
+
+// Objects are per thread, but the libraries behind them must share nothing: two threads
+// compress and decompress at once (run under TSan in CI).
+TEST(CodecThreadsTest, IndependentObjectsInParallelThreads) {
+  constexpr int kThreads = 2;
+  constexpr int kRounds = 20;
+  for (auto type : {CompressionType::kDeflate, CompressionType::kZstd}) {
+    for (int level : {DefaultLevel(type), type == CompressionType::kDeflate ? 6 : 9}) {
+      std::vector<std::thread> threads;
+      std::vector<int> failures(kThreads, 0);
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&, t] {
+          auto compressor = MakeCompressor(type, level);
+          auto decompressor = MakeDecompressor(type);
+          if (!compressor.ok()) {
+            ++failures[t];
+            return;
+          }
+          std::vector<uint8_t> stream(65536 + kOutputSlack);
+          std::vector<uint8_t> restored(65536);
+          for (int round = 0; round < kRounds; ++round) {
+            const auto data = MakeData(DataKind::kMixed, 65536, 100 * t + round);
+            auto size = (*compressor)->Compress(data, stream);
+            if (!size.ok() || *size == 0 ||
+                !decompressor->Decompress(std::span(stream).first(*size), restored).ok() ||
+                restored != data) {
+              ++failures[t];
+            }
+          }
+        });
+      }
+      for (auto& thread : threads) thread.join();
+      for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << t;
+    }
+  }
+}
 
 }  // namespace
 }  // namespace zqcow::codec
