@@ -36,7 +36,8 @@ struct CachedTable {
 
 class MetadataCache {
  public:
-  // Holds at least kMinEntries tables whatever the budget says.
+  // Holds at least kMinEntries tables whatever the budget says (so with 2 MiB clusters the
+  // cache may hold 16 MiB although the default budget is 8 MiB).
   static constexpr size_t kMinEntries = 8;
 
   MetadataCache(size_t budget_bytes, uint32_t cluster_size);

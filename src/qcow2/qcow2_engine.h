@@ -3,6 +3,13 @@
 // The image engine: zqcow::Image over one io::File. Created by CreateImageOnFile /
 // OpenImageOnFile (qcow2_create.cc, qcow2_open.cc).
 //
+// Lifetime: Close()/CloseIncomplete() must not race with calls still in flight on other
+// threads (join the writers first); every call after Close fails with "image is closed".
+//
+// O_DIRECT needs cluster size >= the file's alignment (metadata is written as whole
+// clusters); Image::Create/Open fall back to buffered I/O for smaller clusters and the
+// *OnFile entry points refuse such a file with kNotSupported.
+//
 // Locking: one metadata mutex guards the L1 table, the metadata cache (L2 tables and
 // refcount blocks), the refcounts, the compressed allocator, the header and the error
 // state. Data I/O (normal cluster reads/writes, compressed write cache writes and reads)
