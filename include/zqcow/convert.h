@@ -46,7 +46,7 @@ struct ConvertOptions {
   std::string source_format;  // "raw", "qcow2", or "" to detect (qcow2 magic, else raw)
   bool compress = true;       // -c; without it clusters are stored uncompressed
   Compression compression = Compression::kZlib;
-  int compression_level = -1;  // -1: the codec's default
+  int compression_level = 0;   // 0: the codec's default (0 is no valid level of either codec)
   uint32_t cluster_size = 65536;
   uint32_t refcount_bits = 16;
   bool source_direct_io = false;  // -T none

@@ -28,7 +28,7 @@ constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = uint32_t{2} << 20;
 // The virtual size is the source size rounded up to whole sectors, as qemu-img does.
 constexpr uint64_t kSectorSize = 512;
-constexpr int kCodecDefaultLevel = -1;
+constexpr int kCodecDefaultLevel = 0;
 constexpr unsigned kMaxWorkers = 256;
 constexpr double kBytesPerMiB = 1024.0 * 1024.0;
 
