@@ -58,11 +58,12 @@ struct CrashRun {
   std::unique_ptr<Image> image;
 };
 
-void Start(CrashRun* run, const std::string& path) {
+void Start(CrashRun* run, const std::string& path, bool direct_io) {
   run->path = path;
   io::FileOptions options;
   options.writable = true;
   options.create = true;
+  options.direct_io = direct_io;
   auto file = io::OpenFile(path, options);
   ASSERT_TRUE(file.ok()) << file.status().ToString();
   auto faulty = io::MakeFaultInjectingFile(std::move(file).value(), run->controller);
@@ -71,18 +72,22 @@ void Start(CrashRun* run, const std::string& path) {
   create.cluster_size = kClusterSize;
   IoOptions io;
   io.metadata_cache_bytes = 1;
+  io.direct_io = direct_io;  // kAuto: the compressed write cache is on with O_DIRECT
   auto image = CreateImageOnFile(std::move(faulty), create, io);
   ASSERT_TRUE(image.ok()) << image.status().ToString();
   run->image = std::move(image).value();
   run->controller->TrackUnsynced(true);
 }
 
-TEST(ImageCrashTest, PowerFailureAtEverySyncLeavesLeaksAtMost) {
+class ImageCrashTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ImageCrashTest, PowerFailureAtEverySyncLeavesLeaksAtMost) {
+  const bool direct_io = GetParam();
   TempDir dir;
   uint64_t syncs = 0;
   {
     CrashRun dry;
-    Start(&dry, dir.File("dry.qcow2"));
+    Start(&dry, dir.File("dry.qcow2"), direct_io);
     uint64_t before = dry.controller->count(io::FaultController::Op::kSync);
     Workload(dry.image.get());
     syncs = dry.controller->count(io::FaultController::Op::kSync) - before;
@@ -93,7 +98,7 @@ TEST(ImageCrashTest, PowerFailureAtEverySyncLeavesLeaksAtMost) {
   for (uint64_t k = 1; k <= syncs; ++k) {
     SCOPED_TRACE("crash at sync " + std::to_string(k) + " of " + std::to_string(syncs));
     CrashRun run;
-    Start(&run, dir.File("crash" + std::to_string(k) + ".qcow2"));
+    Start(&run, dir.File("crash" + std::to_string(k) + ".qcow2"), direct_io);
     run.controller->FailNth(io::FaultController::Op::kSync, k, EIO);
     Workload(run.image.get());
     ASSERT_TRUE(run.controller->fired());
@@ -103,6 +108,8 @@ TEST(ImageCrashTest, PowerFailureAtEverySyncLeavesLeaksAtMost) {
     EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.output;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(BufferedAndDirect, ImageCrashTest, ::testing::Bool());
 
 }  // namespace
 }  // namespace zqcow::qcow2
