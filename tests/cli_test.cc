@@ -3,6 +3,7 @@
 // End-to-end tests of the zqcow CLI: runs the built binary and lets qemu-img judge.
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -12,12 +13,10 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "testing/test_util.h"
 
@@ -356,8 +355,10 @@ TEST_F(CliTest, InfoAgreesWithQemuImg) {
 std::vector<nlohmann::json> Normalize(const nlohmann::json& list, bool keep_offsets) {
   std::vector<nlohmann::json> out;
   for (const auto& e : list) {
-    nlohmann::json n = {{"start", e["start"]},     {"length", e["length"]},
-                        {"present", e["present"]}, {"zero", e["zero"]},
+    nlohmann::json n = {{"start", e["start"]},
+                        {"length", e["length"]},
+                        {"present", e["present"]},
+                        {"zero", e["zero"]},
                         {"data", e["data"]}};
     if (keep_offsets && e.contains("offset")) n["offset"] = e["offset"];
     if (!out.empty()) {
@@ -415,8 +416,8 @@ CommandResult ConvertAndInterrupt(const std::string& source, const std::string& 
       dup2(fd, STDERR_FILENO);
     }
     // zlib level 9 on one worker: slow enough to be caught in the act.
-    execl(binary.c_str(), binary.c_str(), "convert", "-c", "-o", "compression_level=9", "-m",
-          "1", "--force", source.c_str(), target.c_str(), static_cast<char*>(nullptr));
+    execl(binary.c_str(), binary.c_str(), "convert", "-c", "-o", "compression_level=9", "-m", "1",
+          "--force", source.c_str(), target.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
   CommandResult result;

@@ -3,6 +3,7 @@
 #include "cli_common.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -12,8 +13,6 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
-
-#include <fmt/format.h>
 
 namespace zqcow::cli {
 namespace {
@@ -114,10 +113,22 @@ Result<uint64_t> ParseSize(std::string_view text, std::string_view what) {
   }
   if (suffix.size() == 1) {
     switch (suffix[0]) {
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      case 't': case 'T': shift = 40; break;
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      case 't':
+      case 'T':
+        shift = 40;
+        break;
       default:
         return Status::InvalidArgument(
             fmt::format("{}: '{}' has an unknown size suffix", what, text));
@@ -171,9 +182,12 @@ int CancelSignals::received_signal() { return g_signal; }
 
 const char* CancelSignals::SignalName(int signal_number) {
   switch (signal_number) {
-    case SIGINT: return "SIGINT";
-    case SIGTERM: return "SIGTERM";
-    default: return "a signal";
+    case SIGINT:
+      return "SIGINT";
+    case SIGTERM:
+      return "SIGTERM";
+    default:
+      return "a signal";
   }
 }
 
@@ -182,10 +196,9 @@ ProgressBar::ProgressBar(bool enabled)
 
 void ProgressBar::Update(const ConvertProgress& progress) {
   if (!enabled_) return;
-  double fraction = progress.bytes_total == 0
-                        ? 1.0
-                        : static_cast<double>(progress.bytes_done) /
-                              static_cast<double>(progress.bytes_total);
+  double fraction = progress.bytes_total == 0 ? 1.0
+                                              : static_cast<double>(progress.bytes_done) /
+                                                    static_cast<double>(progress.bytes_total);
   if (!terminal_) {
     int step = static_cast<int>(fraction * kProgressSteps);
     if (step <= last_step_) return;
@@ -198,12 +211,11 @@ void ProgressBar::Update(const ConvertProgress& progress) {
   bool done = progress.bytes_done >= progress.bytes_total;
   if (drawn_ && !done && now - last_draw_ < kRedrawInterval) return;
   last_draw_ = now;
-  double mib_s = progress.elapsed_seconds > 0
-                     ? static_cast<double>(progress.bytes_done) / kBytesPerMiB /
-                           progress.elapsed_seconds
-                     : 0.0;
-  double remaining = static_cast<double>(progress.bytes_total - std::min(progress.bytes_total,
-                                                                         progress.bytes_done));
+  double mib_s = progress.elapsed_seconds > 0 ? static_cast<double>(progress.bytes_done) /
+                                                    kBytesPerMiB / progress.elapsed_seconds
+                                              : 0.0;
+  double remaining = static_cast<double>(progress.bytes_total -
+                                         std::min(progress.bytes_total, progress.bytes_done));
   double eta = mib_s > 0 ? remaining / kBytesPerMiB / mib_s : NAN;
   std::string line =
       fmt::format("\r    ({:6.2f}/100%) {} / {}, {:.1f} MiB/s, ETA {}\x1b[K", fraction * 100.0,

@@ -4,10 +4,10 @@
 // 1 the check could not run, 2 corruption, 3 leaks only or incomplete (dirty) without
 // corruption.
 
+#include <fmt/format.h>
+
 #include <memory>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -47,20 +47,22 @@ void PrintHuman(const CheckResult& result, const ImageInfo& info) {
     fmt::print("No errors were found on the image.\n");
   }
   if (result.corruptions > 0) {
-    fmt::print("\n{} errors were found on the image.\n"
-               "Data may be corrupted, or further writes to the image may corrupt it.\n",
-               result.corruptions);
+    fmt::print(
+        "\n{} errors were found on the image.\n"
+        "Data may be corrupted, or further writes to the image may corrupt it.\n",
+        result.corruptions);
   }
   if (result.leaks > 0) {
-    fmt::print("\n{} leaked clusters were found on the image.\n"
-               "This means waste of disk space, but no harm to data.\n",
-               result.leaks);
+    fmt::print(
+        "\n{} leaked clusters were found on the image.\n"
+        "This means waste of disk space, but no harm to data.\n",
+        result.leaks);
   }
   if (info.corrupt) fmt::print("The image is marked corrupt (its corrupt bit is set).\n");
   if (result.incomplete || info.dirty) fmt::print("{}\n", kIncompleteMessage);
   uint64_t total = TotalClusters(info);
-  fmt::print("{}/{} = {:.2f}% allocated, {:.2f}% compressed clusters\n",
-             result.allocated_clusters, total, Percent(result.allocated_clusters, total),
+  fmt::print("{}/{} = {:.2f}% allocated, {:.2f}% compressed clusters\n", result.allocated_clusters,
+             total, Percent(result.allocated_clusters, total),
              Percent(result.compressed_clusters, result.allocated_clusters));
   fmt::print("Image end offset: {}\n", result.image_end_offset);
 }

@@ -4,13 +4,13 @@
 // are equal, 1 with the first differing byte offset when not, 2 on error. When the sizes
 // differ, the part past the smaller size must read as zeros.
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 #include "commands.h"

@@ -3,14 +3,13 @@
 // `zqcow convert`: qemu-img convert's compressed-conversion subset, SRC (raw or qcow2) to a
 // new qcow2 image.
 
+#include <fmt/format.h>
 #include <sys/stat.h>
 
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -73,11 +72,12 @@ void PrintHumanSummary(const ConvertStats& stats) {
   fmt::print("Converted {} in {:.2f} s ({:.1f} MiB/s, {:.2f} s CPU, peak RSS {})\n",
              HumanSize(stats.virtual_size), stats.wall_seconds, stats.throughput_mib_s,
              stats.cpu_seconds, HumanSize(stats.peak_rss_bytes));
-  fmt::print("Output {} ({:.1f}% of the virtual size): {} clusters compressed, {} stored "
-             "uncompressed, {} zero; {} read, {} skipped as zero\n",
-             HumanSize(stats.output_file_size), ratio, stats.clusters_compressed,
-             stats.clusters_uncompressed, stats.clusters_zero, HumanSize(stats.bytes_read),
-             HumanSize(stats.zero_bytes_skipped));
+  fmt::print(
+      "Output {} ({:.1f}% of the virtual size): {} clusters compressed, {} stored "
+      "uncompressed, {} zero; {} read, {} skipped as zero\n",
+      HumanSize(stats.output_file_size), ratio, stats.clusters_compressed,
+      stats.clusters_uncompressed, stats.clusters_zero, HumanSize(stats.bytes_read),
+      HumanSize(stats.zero_bytes_skipped));
 }
 
 // Builds ConvertOptions from the parsed arguments; usage mistakes are kInvalidArgument.
@@ -138,10 +138,9 @@ int RunConvert(const ConvertArgs& args) {
     if (stats.status().code() == Status::Code::kInterrupted && signal_number != 0) {
       struct stat st {};
       bool exists = stat(args.target.c_str(), &st) == 0;
-      PrintError(fmt::format("interrupted by {}: {} {}", CancelSignals::SignalName(signal_number),
-                             args.target,
-                             exists ? "is left incomplete (its dirty bit is set)"
-                                    : "was not created"));
+      PrintError(fmt::format(
+          "interrupted by {}: {} {}", CancelSignals::SignalName(signal_number), args.target,
+          exists ? "is left incomplete (its dirty bit is set)" : "was not created"));
       return kExitSignalBase + signal_number;
     }
     return ReportError(stats.status());
@@ -179,8 +178,8 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_flag("-p", args->progress, "Show progress on stderr and a summary at the end");
   app->add_option("--output", args->output, "Print a final summary: human or json");
   app->add_flag("--force", args->force, "Overwrite DST if it exists");
-  CLI::Option* no_cache = app->add_flag(
-      "--no-write-cache", args->no_write_cache, "Disable the compressed write cache");
+  CLI::Option* no_cache =
+      app->add_flag("--no-write-cache", args->no_write_cache, "Disable the compressed write cache");
   app->add_option("--write-cache-size", args->write_cache_size,
                   "Enable the compressed write cache with this size (e.g. 4M)")
       ->excludes(no_cache);

@@ -4,14 +4,13 @@
 // ("virtual-size", "cluster-size", "format-specific"...), plus "file-size" and "incomplete".
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <memory>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -42,15 +41,16 @@ Result<FileSizes> StatFile(const std::string& path) {
   if (fstat(fd, &st) != 0 || (end = lseek(fd, 0, SEEK_END)) < 0) err = errno;
   close(fd);
   if (err != 0) return Status::FromErrno(err, path);
-  return FileSizes{static_cast<uint64_t>(end), static_cast<uint64_t>(st.st_blocks) * kStatBlockSize};
+  return FileSizes{static_cast<uint64_t>(end),
+                   static_cast<uint64_t>(st.st_blocks) * kStatBlockSize};
 }
 
 const char* CompressionName(Compression compression) {
   return compression == Compression::kZstd ? "zstd" : "zlib";
 }
 
-nlohmann::json InfoJson(const std::string& path, const std::string& format,
-                        const FileSizes& sizes, const ImageInfo* info) {
+nlohmann::json InfoJson(const std::string& path, const std::string& format, const FileSizes& sizes,
+                        const ImageInfo* info) {
   nlohmann::json j;
   j["filename"] = path;
   j["format"] = format;

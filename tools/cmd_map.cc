@@ -4,12 +4,12 @@
 // data, compressed[, offset]}; "offset" is given for uncompressed data (and raw files), not
 // for compressed clusters, whose data is not a linear mapping (qemu-img omits it too).
 
+#include <fmt/format.h>
+
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -39,8 +39,8 @@ struct MapEntry {
   uint64_t end() const { return start + length; }
   // Whether `next` (which starts at end()) continues this entry.
   bool Continues(const MapEntry& next) const {
-    if (next.start != end() || present != next.present || zero != next.zero ||
-        data != next.data || compressed != next.compressed || offset.has_value() != next.offset.has_value()) {
+    if (next.start != end() || present != next.present || zero != next.zero || data != next.data ||
+        compressed != next.compressed || offset.has_value() != next.offset.has_value()) {
       return false;
     }
     return !offset || *offset + length == *next.offset;

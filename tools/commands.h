@@ -7,9 +7,8 @@
 #ifndef ZQCOW_TOOLS_COMMANDS_H_
 #define ZQCOW_TOOLS_COMMANDS_H_
 
-#include <functional>
-
 #include <CLI/CLI.hpp>
+#include <functional>
 
 namespace zqcow::cli {
 

@@ -2,9 +2,9 @@
 
 #include "create_options.h"
 
-#include <bit>
-
 #include <fmt/format.h>
+
+#include <bit>
 
 #include "cli_common.h"
 
@@ -52,8 +52,8 @@ Status ApplyOne(std::string_view key, std::string_view value, ConvertOptions& op
   } else if (key == "cluster_size") {
     ZQ_ASSIGN_OR_RETURN(uint64_t size, ParseSize(value, what));
     if (size < kMinClusterSize || size > kMaxClusterSize || !std::has_single_bit(size)) {
-      return Status::InvalidArgument(fmt::format(
-          "{}: {} is not a power of two between 512 and 2M", what, value));
+      return Status::InvalidArgument(
+          fmt::format("{}: {} is not a power of two between 512 and 2M", what, value));
     }
     options.cluster_size = static_cast<uint32_t>(size);
   } else if (key == "refcount_bits") {
@@ -81,8 +81,7 @@ Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOp
       if (pair.empty()) continue;
       size_t eq = pair.find('=');
       if (eq == std::string_view::npos || eq == 0) {
-        return Status::InvalidArgument(
-            fmt::format("-o: '{}' is not of the form key=value", pair));
+        return Status::InvalidArgument(fmt::format("-o: '{}' is not of the form key=value", pair));
       }
       ZQ_RETURN_IF_ERROR(ApplyOne(pair.substr(0, eq), pair.substr(eq + 1), options, level_given));
     }
@@ -93,9 +92,9 @@ Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOp
     bool valid = zstd ? (level >= kMinZstdLevel && level <= kMaxZstdLevel && level != 0)
                       : (level >= kMinZlibLevel && level <= kMaxZlibLevel);
     if (!valid) {
-      return Status::InvalidArgument(fmt::format(
-          "-o compression_level: {} is out of range for {} ({})", level, zstd ? "zstd" : "zlib",
-          zstd ? "-5..-1 or 1..19" : "1..9"));
+      return Status::InvalidArgument(
+          fmt::format("-o compression_level: {} is out of range for {} ({})", level,
+                      zstd ? "zstd" : "zlib", zstd ? "-5..-1 or 1..19" : "1..9"));
     }
   }
   return Status::OK();

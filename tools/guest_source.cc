@@ -3,12 +3,11 @@
 #include "guest_source.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-
-#include <fmt/format.h>
 
 #include "cli_common.h"
 
@@ -60,8 +59,8 @@ class RawSource final : public GuestSource {
   Status Read(uint64_t offset, std::span<uint8_t> out) override {
     size_t done = 0;
     while (done < out.size()) {
-      ssize_t n = pread(fd_, out.data() + done, out.size() - done,
-                        static_cast<off_t>(offset + done));
+      ssize_t n =
+          pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
         return Status::FromErrno(errno, fmt::format("{}: read at offset {}", path(), offset));

@@ -2,10 +2,9 @@
 //
 // zqcow: writes compressed qcow2 images fast. Dispatches to the subcommands in cmd_*.cc.
 
+#include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
 
 #include "cli_common.h"
 #include "commands.h"
