@@ -244,6 +244,24 @@ TEST_F(CliTest, CompareReportsTheFirstDifferingByte) {
   }
 }
 
+TEST_F(CliTest, CompareFindsADifferenceBeyondTheFirstReads) {
+  // All data, several 4 MiB reads long: the difference is in a later read.
+  const uint64_t size = 12 * kMiB;
+  WriteRawImage(source_, size, DataKind::kText, kSeed);
+  ConvertOk("-c");
+  CommandResult same = Zqcow("compare " + Q(source_) + " " + Q(target_));
+  EXPECT_EQ(same.exit_code, 0) << same.output;
+  auto data = ReadWholeFile(source_);
+  const uint64_t offset = 9 * kMiB + 123;
+  data[offset] ^= 0xff;
+  WriteWholeFile(source_, data);
+  CommandResult r = Zqcow("compare " + Q(target_) + " " + Q(source_));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("Content mismatch at offset " + std::to_string(offset) + "!"),
+            std::string::npos)
+      << r.output;
+}
+
 TEST_F(CliTest, CompareTreatsTheExtraPartOfALargerImageAsZeros) {
   ConvertOk("-c");
   auto data = ReadWholeFile(source_);

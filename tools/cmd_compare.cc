@@ -19,8 +19,9 @@
 namespace zqcow::cli {
 namespace {
 
-// Guest bytes examined per step (map lookups and reads never exceed it).
-constexpr uint64_t kCompareChunk = 4ull << 20;
+// Guest bytes whose zero ranges are looked up at once, and the largest single read.
+constexpr uint64_t kMapWindow = 1ull << 30;
+constexpr uint64_t kReadChunk = 4ull << 20;
 
 struct CompareArgs {
   std::string a_path;
@@ -53,9 +54,9 @@ std::optional<uint64_t> FirstNonZero(std::span<const uint8_t> data) {
 // Returns the offset of the first differing byte, or nullopt when equal.
 Result<std::optional<uint64_t>> FindFirstDifference(GuestSource& a, GuestSource& b) {
   uint64_t total = std::max(a.size(), b.size());
-  std::vector<uint8_t> a_buf(kCompareChunk), b_buf(kCompareChunk);
-  for (uint64_t chunk = 0; chunk < total; chunk += kCompareChunk) {
-    uint64_t chunk_end = std::min(total, chunk + kCompareChunk);
+  std::vector<uint8_t> a_buf(kReadChunk), b_buf(kReadChunk);
+  for (uint64_t chunk = 0; chunk < total; chunk += kMapWindow) {
+    uint64_t chunk_end = std::min(total, chunk + kMapWindow);
     ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> a_zero, a.ZeroRanges(chunk, chunk_end - chunk));
     ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> b_zero, b.ZeroRanges(chunk, chunk_end - chunk));
     size_t ai = 0, bi = 0;
@@ -64,6 +65,7 @@ Result<std::optional<uint64_t>> FindFirstDifference(GuestSource& a, GuestSource&
       RangeState as = StateAt(a_zero, ai, pos, chunk_end);
       RangeState bs = StateAt(b_zero, bi, pos, chunk_end);
       uint64_t seg_end = std::min(as.until, bs.until);
+      if (!(as.zero && bs.zero)) seg_end = std::min(seg_end, pos + kReadChunk);
       size_t len = static_cast<size_t>(seg_end - pos);
       std::span<uint8_t> a_seg(a_buf.data(), len), b_seg(b_buf.data(), len);
       std::optional<uint64_t> diff;
