@@ -15,6 +15,10 @@
 namespace zqcow::qcow2 {
 
 // `file` is empty (size 0) and writable. options.overwrite is ignored (the file exists).
+// An O_DIRECT file whose alignment exceeds the cluster size is refused (kNotSupported):
+// metadata is written as whole clusters. Image::Create/Open fall back to buffered I/O then.
+// The image owns the file; the write cache and every table write go through it, so a
+// fault-injecting wrapper sees all I/O.
 Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
                                                  const CreateOptions& options,
                                                  const IoOptions& io);
