@@ -1,0 +1,229 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// Kills `zqcow convert -c` with SIGKILL at points spread over its run, for several option
+// combinations, and proves a crash never costs data:
+// - the target either has no qcow2 header yet (killed before it was written) or passes
+//   `qemu-img check` without corruption (leaks allowed);
+// - every guest range the target claims (qemu-img map: "present") holds exactly the
+//   source's bytes;
+// - `zqcow check` reports it as not complete unless the conversion had finished (exit 0).
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "format/endian.h"
+#include "format/header.h"
+#include "testing/test_util.h"
+
+extern char** environ;
+
+namespace zqcow {
+namespace {
+
+using testing::ReadWholeFile;
+using testing::RunCommand;
+using testing::ShellQuote;
+using testing::TempDir;
+
+constexpr uint64_t kSourceSize = 24ull << 20;
+constexpr int kKillPoints = 8;
+// Exit code the child reports when exec fails.
+constexpr int kExecFailed = 127;
+
+struct Variant {
+  std::string name;
+  std::vector<std::string> args;  // between "convert" and SRC
+};
+
+struct RunResult {
+  bool killed = false;  // SIGKILL arrived before the child exited
+  int exit_code = -1;   // when !killed
+};
+
+// Runs zqcow with `args`; SIGKILLs it after `delay` unless it exited before.
+RunResult RunAndKill(const std::vector<std::string>& args, std::chrono::microseconds delay) {
+  std::vector<char*> argv;
+  std::string binary = testing::ZqcowBinary();
+  argv.push_back(binary.data());
+  std::vector<std::string> copy = args;
+  for (std::string& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  pid_t pid = -1;
+  RunResult result;
+  const int rc = posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) {
+    ADD_FAILURE() << "posix_spawn " << binary << ": " << std::strerror(rc);
+    return result;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + delay;
+  int status = 0;
+  for (;;) {
+    pid_t done = waitpid(pid, &status, WNOHANG);
+    if (done == pid) {
+      result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      return result;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
+    result.killed = true;
+  } else {
+    result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return result;
+}
+
+bool HasQcowMagic(const std::string& path) {
+  std::vector<uint8_t> bytes = ReadWholeFile(path);
+  return bytes.size() >= 4 && format::LoadBE32(bytes.data()) == format::kQcowMagic;
+}
+
+class CrashTest : public ::testing::TestWithParam<Variant> {
+ protected:
+  static void SetUpTestSuite() {
+    ASSERT_TRUE(testing::HaveQemu());
+    dir_ = new TempDir();
+    source_ = dir_->File("source.raw");
+    testing::WriteRawImage(source_, kSourceSize, testing::DataKind::kMixed, /*seed=*/7);
+    source_bytes_ = new std::vector<uint8_t>(ReadWholeFile(source_));
+  }
+  static void TearDownTestSuite() {
+    delete source_bytes_;
+    delete dir_;
+  }
+
+  std::vector<std::string> Args(const std::string& target) const {
+    std::vector<std::string> args = {"convert", "-c", "--force"};
+    for (const std::string& a : GetParam().args) args.push_back(a);
+    args.push_back(source_);
+    args.push_back(target);
+    return args;
+  }
+
+  // The checks after one (possibly killed) run.
+  void Verify(const std::string& target, const RunResult& run, const std::string& where) {
+    SCOPED_TRACE(where);
+    const bool finished = !run.killed && run.exit_code == 0;
+    if (!run.killed) {
+      ASSERT_EQ(run.exit_code, 0) << "convert failed without being killed";
+    }
+    if (access(target.c_str(), F_OK) != 0 || !HasQcowMagic(target)) {
+      // Killed before the header was written: nothing that looks like an image.
+      ASSERT_FALSE(finished) << "finished conversion left no image";
+      auto zq = RunCommand(ShellQuote(testing::ZqcowBinary()) + " check " + ShellQuote(target));
+      EXPECT_NE(zq.exit_code, 0) << zq.output;
+      return;
+    }
+    auto check = testing::QemuImgCheck(target);
+    ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3)
+        << "qemu-img check found corruption:\n" << check.output;
+
+    // Every range the image claims holds the source's bytes.
+    const std::string raw = target + ".raw";
+    auto conv = RunCommand("qemu-img convert -f qcow2 -O raw " + ShellQuote(target) + " " +
+                           ShellQuote(raw));
+    ASSERT_EQ(conv.exit_code, 0) << conv.output;
+    const std::vector<uint8_t> guest = ReadWholeFile(raw);
+    ASSERT_EQ(guest.size(), source_bytes_->size());
+    auto map = RunCommand("qemu-img map -f qcow2 --output=json " + ShellQuote(target) +
+                          " 2>/dev/null");
+    ASSERT_EQ(map.exit_code, 0) << map.output;
+    auto extents = nlohmann::json::parse(map.output, nullptr, /*allow_exceptions=*/false);
+    ASSERT_TRUE(extents.is_array()) << map.output;
+    uint64_t claimed = 0;
+    for (const auto& e : extents) {
+      if (!e.value("present", false)) continue;
+      const uint64_t start = e["start"].get<uint64_t>();
+      const uint64_t length = e["length"].get<uint64_t>();
+      ASSERT_LE(start + length, guest.size());
+      claimed += length;
+      ASSERT_EQ(std::memcmp(guest.data() + start, source_bytes_->data() + start, length), 0)
+          << "claimed range [" << start << ", +" << length << ") differs from the source";
+    }
+    std::remove(raw.c_str());
+
+    auto zq = RunCommand(ShellQuote(testing::ZqcowBinary()) + " check " + ShellQuote(target));
+    if (finished) {
+      EXPECT_EQ(zq.exit_code, 0) << zq.output;
+      EXPECT_EQ(check.exit_code, 0) << check.output;
+      EXPECT_EQ(testing::QemuImgCompare(source_, "raw", target, "qcow2").exit_code, 0);
+    } else {
+      EXPECT_NE(zq.exit_code, 0) << "an interrupted conversion looks complete:\n" << zq.output;
+      auto info = RunCommand(ShellQuote(testing::ZqcowBinary()) + " info --output=json " +
+                             ShellQuote(target));
+      auto json = nlohmann::json::parse(info.output, nullptr, false);
+      if (json.is_object()) {
+        EXPECT_TRUE(json.value("dirty", false) || json.value("incomplete", false))
+            << info.output;
+      }
+    }
+    std::printf("  %s: claimed %llu of %llu bytes, qemu-img check %d, zqcow check %d\n",
+                where.c_str(), static_cast<unsigned long long>(claimed),
+                static_cast<unsigned long long>(guest.size()), check.exit_code, zq.exit_code);
+  }
+
+  static TempDir* dir_;
+  static std::string source_;
+  static std::vector<uint8_t>* source_bytes_;
+  TempDir work_;
+};
+TempDir* CrashTest::dir_ = nullptr;
+std::string CrashTest::source_;
+std::vector<uint8_t>* CrashTest::source_bytes_ = nullptr;
+
+TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
+  const std::string target = work_.File("target.qcow2");
+  // One full run to learn how long a conversion takes, and to check the finished image.
+  const auto start = std::chrono::steady_clock::now();
+  RunResult full = RunAndKill(Args(target), std::chrono::minutes(2));
+  const auto duration = std::chrono::steady_clock::now() - start;
+  ASSERT_FALSE(full.killed) << "a full conversion took over 2 minutes";
+  ASSERT_NE(full.exit_code, kExecFailed);
+  Verify(target, full, "full run");
+  ASSERT_FALSE(HasFailure());
+
+  const auto total = std::chrono::duration_cast<std::chrono::microseconds>(duration);
+  for (int i = 0; i < kKillPoints; ++i) {
+    std::remove(target.c_str());
+    // Kill points spread over the run, the last one near its end.
+    const auto delay = total * (2 * i + 1) / (2 * kKillPoints);
+    RunResult run = RunAndKill(Args(target), delay);
+    Verify(target, run, "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
+                            std::to_string(total.count() / 1000) + " ms");
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, CrashTest,
+    ::testing::Values(
+        Variant{"DirectZlibM2", {"-t", "none", "-m", "2"}},
+        Variant{"WritebackZstdM1", {"-t", "writeback", "-m", "1", "-o", "compression_type=zstd"}},
+        Variant{"DirectNoCacheZstdM1",
+                {"-t", "none", "--no-write-cache", "-m", "1", "-o", "compression_type=zstd"}},
+        Variant{"WritebackNoCacheZlibM2", {"-t", "writeback", "--no-write-cache", "-m", "2"}}),
+    [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace zqcow
