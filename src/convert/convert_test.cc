@@ -65,7 +65,7 @@ struct Case {
   uint32_t cluster_size;
   bool compress;
   Compression compression;
-  int level;
+  int level;  // 0: the codec default
   unsigned workers;
   bool out_of_order;
   bool source_direct;
@@ -77,23 +77,23 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 using WC = IoOptions::WriteCache;
 const Case kCases[] = {
-    {"mixed_64k_zlib", DataKind::kMixed, 65536, true, Compression::kZlib, -1, 4, true, false, false,
+    {"mixed_64k_zlib", DataKind::kMixed, 65536, true, Compression::kZlib, 0, 4, true, false, false,
      WC::kAuto},
-    {"mixed_512_zstd_inorder_direct", DataKind::kMixed, 512, true, Compression::kZstd, -1, 4, false,
+    {"mixed_512_zstd_inorder_direct", DataKind::kMixed, 512, true, Compression::kZstd, 0, 4, false,
      true, true, WC::kOn},
     {"mixed_4k_zlib1_one_worker_nocache", DataKind::kMixed, 4096, true, Compression::kZlib, 1, 1,
      true, false, true, WC::kOff},
     {"mixed_2m_zstd1_direct", DataKind::kMixed, 2 << 20, true, Compression::kZstd, 1, 4, true, true,
      true, WC::kAuto},
-    {"random_64k_inorder", DataKind::kRandom, 65536, true, Compression::kZlib, -1, 2, false, false,
+    {"random_64k_inorder", DataKind::kRandom, 65536, true, Compression::kZlib, 0, 2, false, false,
      false, WC::kAuto},
     {"text_4k_zstd5_cache", DataKind::kText, 4096, true, Compression::kZstd, 5, 4, true, false,
      false, WC::kOn},
     {"ones_64k_zlib9_inorder_direct", DataKind::kOnes, 65536, true, Compression::kZlib, 9, 4, false,
      false, true, WC::kAuto},
-    {"mixed_64k_uncompressed_direct", DataKind::kMixed, 65536, false, Compression::kZlib, -1, 2,
+    {"mixed_64k_uncompressed_direct", DataKind::kMixed, 65536, false, Compression::kZlib, 0, 2,
      true, true, true, WC::kAuto},
-    {"mixed_512_uncompressed_inorder", DataKind::kMixed, 512, false, Compression::kZlib, -1, 4,
+    {"mixed_512_uncompressed_inorder", DataKind::kMixed, 512, false, Compression::kZlib, 0, 4,
      false, false, false, WC::kAuto},
 };
 
