@@ -166,6 +166,19 @@ TEST(ConvertTest, AllZeroSourceLeavesEveryClusterUnallocated) {
   EXPECT_EQ(stats->clusters_compressed + stats->clusters_uncompressed, 0u);
 }
 
+TEST(ConvertTest, EmptySourceGivesACleanEmptyImage) {
+  ASSERT_TRUE(testing::HaveQemu());
+  TempDir dir;
+  const std::string source = dir.File("empty.raw");
+  const std::string target = dir.File("empty.qcow2");
+  testing::WriteWholeFile(source, {});
+  Result<ConvertStats> stats = Convert(source, target, ConvertOptions());
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_EQ(stats->virtual_size, 0u);
+  // No L1 entries: no L1 cluster may be allocated (it would be a leak, exit 3).
+  ExpectQemuAgrees(source, "raw", target);
+}
+
 TEST(ConvertTest, SourceSizeRoundsUpToWholeSectors) {
   ASSERT_TRUE(testing::HaveQemu());
   TempDir dir;

@@ -112,8 +112,14 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   for (uint64_t c = 0; c < 1 + table_clusters; ++c) {
     ZQ_RETURN_IF_ERROR(layout.Increment(format::HostCluster(c)));
   }
-  ZQ_ASSIGN_OR_RETURN(format::HostCluster l1_first, layout.Allocate(l1_clusters));
-  header.l1_table_offset = l1_first.value() * cluster_size;
+  if (l1_size == 0) {
+    // An empty disk has no L1 entries. As qemu-img does, point l1_table_offset at the next
+    // free cluster without allocating it: a cluster nothing references would be a leak.
+    header.l1_table_offset = layout.next_free().value() * cluster_size;
+  } else {
+    ZQ_ASSIGN_OR_RETURN(format::HostCluster l1_first, layout.Allocate(l1_clusters));
+    header.l1_table_offset = l1_first.value() * cluster_size;
+  }
   if (layout.TakeTableMoved()) {
     header.refcount_table_offset = layout.table_offset();
     header.refcount_table_clusters = layout.table_clusters();
