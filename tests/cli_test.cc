@@ -116,6 +116,7 @@ TEST_F(CliTest, ConvertResultsPassQemuAndZqcowChecks) {
       "-c -t none -T none -m 2 -W",
       "-c -t none --no-write-cache",
       "-c -t none --write-cache-size 1M",
+      "-c --drop-page-cache",
   };
   for (const std::string& flags : variants) {
     SCOPED_TRACE("flags: " + flags);
@@ -188,6 +189,7 @@ TEST_F(CliTest, BadOptionsAreRejectedWithoutCreatingTheTarget) {
       {"-t bogus", "bogus"},
       {"--output=xml", "xml"},
       {"-W --in-order", "in-order"},
+      {"-t none --drop-page-cache", "drop-page-cache"},
   };
   for (const auto& [flags, expected] : cases) {
     SCOPED_TRACE("flags: " + flags);

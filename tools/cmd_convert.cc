@@ -39,6 +39,7 @@ struct ConvertArgs {
   bool force = false;
   bool no_write_cache = false;
   std::string write_cache_size;
+  bool drop_page_cache = false;
 };
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
@@ -109,6 +110,12 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
     }
     options.target_io.write_cache = IoOptions::WriteCache::kOn;
     options.target_io.write_cache_bytes = static_cast<size_t>(bytes);
+  }
+  if (args.drop_page_cache) {
+    if (options.target_io.direct_io) {
+      return Status::InvalidArgument("--drop-page-cache: needs a buffered target (not -t none)");
+    }
+    options.target_io.drop_page_cache = true;
   }
   return options;
 }
@@ -183,6 +190,8 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("--write-cache-size", args->write_cache_size,
                   "Enable the compressed write cache with this size (e.g. 4M)")
       ->excludes(no_cache);
+  app->add_flag("--drop-page-cache", args->drop_page_cache,
+                "Buffered target: drop written data from the page cache as it goes");
   // SRC and DST are checked in `run` so that `-o help` works without them.
   app->add_option("SRC", args->source, "Source image (raw file, block device or qcow2)");
   app->add_option("DST", args->target, "Target qcow2 image");
