@@ -12,7 +12,7 @@
 namespace {
 
 // Keep in sync with project(zqcow VERSION ...) in CMakeLists.txt.
-constexpr const char* kVersion = "0.1.0";
+constexpr const char* kVersion = ZQCOW_VERSION;  // project(VERSION) in CMakeLists.txt
 
 }  // namespace
 
