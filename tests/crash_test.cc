@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -47,6 +48,7 @@ struct Variant {
   std::string name;
   std::vector<std::string> args;  // between "convert" and SRC
 };
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 struct RunResult {
   bool killed = false;  // SIGKILL arrived before the child exited

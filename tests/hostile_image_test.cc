@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <functional>
 #include <new>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -158,6 +159,7 @@ struct HostileCase {
   uint64_t guest = 0;                   // kRead*: the guest cluster concerned
   uint8_t pattern = 0;                  // kReadExactOrFails: the original content
 };
+void PrintTo(const HostileCase& c, std::ostream* os) { *os << c.name; }
 
 const std::vector<Code> kMalformed = {Code::kCorruption, Code::kNotSupported};
 const std::vector<Code> kUnsupported = {Code::kNotSupported};
