@@ -12,6 +12,7 @@
 // A crash between any two steps leaves refcounts on disk >= references on disk: leaks at
 // worst, never corruption.
 
+#include <algorithm>
 #include <cstring>
 
 #include "format/endian.h"
@@ -29,11 +30,14 @@ Status Qcow2Image::WriteHeaderLocked() {
 Status Qcow2Image::DoFlushLocked() {
   ZQ_RETURN_IF_ERROR(write_cache_->Flush());
   // Readers read whole sectors of compressed data: the file must reach the end of the
-  // sector holding the last compressed byte.
+  // sector holding the last compressed byte. Extend it to the end of the allocated area,
+  // never less: normal-cluster writes run outside the lock and may be extending the file
+  // right now, and a truncate to anything below their end would cut their data off. Every
+  // write in flight ends at or before HostLimitLocked().
   uint64_t needed = io::AlignUp(allocator_->high_water(), format::kSectorSize);
   if (needed > 0) {
     ZQ_ASSIGN_OR_RETURN(uint64_t size, file_->Size());
-    if (size < needed) ZQ_RETURN_IF_ERROR(file_->Truncate(needed));
+    if (size < needed) ZQ_RETURN_IF_ERROR(file_->Truncate(std::max(needed, HostLimitLocked())));
   }
   ZQ_RETURN_IF_ERROR(file_->Sync());
 
