@@ -51,7 +51,7 @@ struct Geometry {
   // L1 entries needed to map `virtual_size` bytes.
   constexpr uint64_t l1_size_for(uint64_t virtual_size) const {
     uint64_t per_l1 = uint64_t{1} << (cluster_bits + l2_bits());
-    return (virtual_size + per_l1 - 1) / per_l1;
+    return virtual_size / per_l1 + (virtual_size % per_l1 != 0);  // no overflow near 2^64
   }
 };
 

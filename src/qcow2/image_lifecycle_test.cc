@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "format/endian.h"
+#include "format/types.h"
 #include "format/header.h"
 #include "io/fault_file.h"
 #include "io/file.h"
@@ -318,6 +319,27 @@ TEST(ImageLifecycleTest, MalformedImagesAreRefusedWithClearErrors) {
   auto created = Image::Create(base, create);
   EXPECT_EQ(created.status().code(), Status::Code::kAlreadyExists) << created.status().ToString();
   EXPECT_EQ(RunCommand("qemu-img check " + ShellQuote(base)).exit_code, 0);  // untouched
+}
+
+}  // namespace
+}  // namespace zqcow::qcow2
+
+namespace zqcow::qcow2 {
+namespace {
+
+// Regression: the L1 size computation overflowed for sizes within one L1 entry's span of
+// 2^64, creating an image with l1_size 0 that nothing could write or open.
+TEST(ImageLifecycleTest, VirtualSizesNear2To64AreRefused) {
+  TempDir dir;
+  for (uint64_t size : {~uint64_t{0} - 4095, uint64_t{1} << 63}) {
+    CreateOptions options;
+    options.virtual_size = size;
+    auto created = Image::Create(dir.File("huge.qcow2"), options);
+    ASSERT_FALSE(created.ok()) << size;
+    EXPECT_EQ(created.status().code(), Status::Code::kInvalidArgument);
+    EXPECT_NE(created.status().message().find("huge.qcow2"), std::string::npos);
+  }
+  EXPECT_EQ(format::Geometry{16}.l1_size_for(~uint64_t{0}), uint64_t{1} << 35);
 }
 
 }  // namespace

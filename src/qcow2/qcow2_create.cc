@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdint>
 #include <cstring>
 
 #include "format/header.h"
@@ -64,6 +65,11 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   format::RefcountGeometry refcount_geometry{
       cluster_bits, static_cast<uint32_t>(std::countr_zero(options.refcount_bits))};
 
+  // Guest offsets are signed 64-bit in QEMU: it refuses anything larger.
+  if (options.virtual_size > static_cast<uint64_t>(INT64_MAX)) {
+    return Status::InvalidArgument(path + ": virtual size " + std::to_string(options.virtual_size) +
+                                   " is larger than the qcow2 maximum of 2^63-1 bytes");
+  }
   const uint64_t l1_size = geometry.l1_size_for(options.virtual_size);
   if (l1_size * 8 > kMaxL1Bytes) {
     return Status::InvalidArgument(path + ": virtual size " + std::to_string(options.virtual_size) +
