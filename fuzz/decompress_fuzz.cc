@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "codec/codec.h"
-#include "zqcow/status.h"
 #include "fuzz_require.h"
+#include "zqcow/status.h"
 
 namespace {
 

@@ -42,10 +42,10 @@ void FuzzEntries(uint32_t cluster_bits, uint64_t raw) {
     case format::L2Entry::Kind::kNormal: {
       FUZZ_REQUIRE(l2->host_offset.value() % geometry.cluster_size() == 0);
       FUZZ_REQUIRE(l2->host_offset.value() != 0);
-      auto again = format::DecodeL2Entry(
-          format::EncodeNormalL2Entry(l2->host_offset, l2->copied), geometry);
+      auto again =
+          format::DecodeL2Entry(format::EncodeNormalL2Entry(l2->host_offset, l2->copied), geometry);
       FUZZ_REQUIRE(again.ok() && again->kind == format::L2Entry::Kind::kNormal &&
-              again->host_offset == l2->host_offset && again->copied == l2->copied);
+                   again->host_offset == l2->host_offset && again->copied == l2->copied);
       break;
     }
     case format::L2Entry::Kind::kCompressed: {
@@ -53,12 +53,13 @@ void FuzzEntries(uint32_t cluster_bits, uint64_t raw) {
       FUZZ_REQUIRE(l2->copied == ((raw & format::kEntryCopied) != 0));
       FUZZ_REQUIRE(l2->compressed_span > 0);
       // At most 2^(cluster_bits - 8) sectors can be named.
-      FUZZ_REQUIRE(l2->compressed_span <= (uint64_t{1} << (cluster_bits - 8)) * format::kSectorSize);
+      FUZZ_REQUIRE(l2->compressed_span <=
+                   (uint64_t{1} << (cluster_bits - 8)) * format::kSectorSize);
       const format::HostClusterRange range = format::CompressedHostClusters(*l2, geometry);
       FUZZ_REQUIRE(range.first <= range.last);
       FUZZ_REQUIRE(range.first == geometry.host_cluster(l2->host_offset));
       FUZZ_REQUIRE(range.last ==
-              geometry.host_cluster(l2->host_offset + (l2->compressed_span - 1)));
+                   geometry.host_cluster(l2->host_offset + (l2->compressed_span - 1)));
       break;
     }
     case format::L2Entry::Kind::kZero:
@@ -73,17 +74,15 @@ void FuzzEntries(uint32_t cluster_bits, uint64_t raw) {
 
 void FuzzRefcounts(FuzzedDataProvider& provider, uint32_t cluster_bits, uint32_t order) {
   const format::RefcountGeometry geometry{cluster_bits, order};
-  std::vector<uint8_t> block = provider.ConsumeBytes<uint8_t>(geometry.block_entries() == 0
-                                                                  ? 0
-                                                                  : (size_t{1} << cluster_bits));
+  std::vector<uint8_t> block = provider.ConsumeBytes<uint8_t>(
+      geometry.block_entries() == 0 ? 0 : (size_t{1} << cluster_bits));
   block.resize(size_t{1} << cluster_bits);
   const uint64_t entries = geometry.block_entries();
   while (provider.remaining_bytes() > 0) {
     const uint64_t index = provider.ConsumeIntegralInRange<uint64_t>(0, entries - 1);
     const uint64_t value = provider.ConsumeIntegral<uint64_t>() & geometry.max_refcount();
     const uint64_t before = index > 0 ? format::GetRefcount(block, index - 1, order) : 0;
-    const uint64_t after =
-        index + 1 < entries ? format::GetRefcount(block, index + 1, order) : 0;
+    const uint64_t after = index + 1 < entries ? format::GetRefcount(block, index + 1, order) : 0;
     FUZZ_REQUIRE(format::GetRefcount(block, index, order) <= geometry.max_refcount());
     format::SetRefcount(block, index, order, value);
     FUZZ_REQUIRE(format::GetRefcount(block, index, order) == value);

@@ -10,13 +10,12 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define FUZZ_REQUIRE(condition)                                                          \
-  do {                                                                                   \
-    if (!(condition)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: property does not hold: %s\n", __FILE__, __LINE__,    \
-                   #condition);                                                          \
-      std::abort();                                                                      \
-    }                                                                                    \
+#define FUZZ_REQUIRE(condition)                                                                    \
+  do {                                                                                             \
+    if (!(condition)) {                                                                            \
+      std::fprintf(stderr, "%s:%d: property does not hold: %s\n", __FILE__, __LINE__, #condition); \
+      std::abort();                                                                                \
+    }                                                                                              \
   } while (0)
 
 #endif  // ZQCOW_FUZZ_FUZZ_REQUIRE_H_

@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "zqcow/image.h"
 #include "fuzz_require.h"
+#include "zqcow/image.h"
 
 namespace {
 

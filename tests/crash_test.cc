@@ -10,12 +10,11 @@
 //   was killed after closing the image) must equal the source; any other is marked dirty.
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdint>
@@ -140,7 +139,8 @@ class CrashTest : public ::testing::TestWithParam<Variant> {
     }
     auto check = testing::QemuImgCheck(target);
     ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3)
-        << "qemu-img check found corruption:\n" << check.output;
+        << "qemu-img check found corruption:\n"
+        << check.output;
 
     // Every range the image claims holds the source's bytes.
     const std::string raw = target + ".raw";
@@ -149,8 +149,8 @@ class CrashTest : public ::testing::TestWithParam<Variant> {
     ASSERT_EQ(conv.exit_code, 0) << conv.output;
     const std::vector<uint8_t> guest = ReadWholeFile(raw);
     ASSERT_EQ(guest.size(), source_bytes_->size());
-    auto map = RunCommand("qemu-img map -f qcow2 --output=json " + ShellQuote(target) +
-                          " 2>/dev/null");
+    auto map =
+        RunCommand("qemu-img map -f qcow2 --output=json " + ShellQuote(target) + " 2>/dev/null");
     ASSERT_EQ(map.exit_code, 0) << map.output;
     auto extents = nlohmann::json::parse(map.output, nullptr, /*allow_exceptions=*/false);
     ASSERT_TRUE(extents.is_array()) << map.output;
@@ -182,7 +182,8 @@ class CrashTest : public ::testing::TestWithParam<Variant> {
       auto json = nlohmann::json::parse(info.output, nullptr, false);
       ASSERT_TRUE(json.is_object()) << info.output;
       EXPECT_TRUE(json.value("dirty", false) || json.value("incomplete", false))
-          << "zqcow check rejects it, yet it is not marked incomplete:\n" << zq.output;
+          << "zqcow check rejects it, yet it is not marked incomplete:\n"
+          << zq.output;
     }
     std::printf("  %s: claimed %llu of %llu bytes, qemu-img check %d, zqcow check %d\n",
                 where.c_str(), static_cast<unsigned long long>(claimed),
@@ -215,8 +216,9 @@ TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
     // Kill points spread over the run, the last one near its end.
     const auto delay = total * (2 * i + 1) / (2 * kKillPoints);
     RunResult run = RunAndKill(Args(target), delay);
-    Verify(target, run, "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
-                            std::to_string(total.count() / 1000) + " ms");
+    Verify(target, run,
+           "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
+               std::to_string(total.count() / 1000) + " ms");
     if (HasFatalFailure()) return;
   }
 }

@@ -24,8 +24,8 @@
 #include <cstring>
 #include <future>
 #include <map>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -92,8 +92,8 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
 
   // Runs Convert on another thread so that a hang fails the test instead of blocking it.
   Result<ConvertStats> RunConvert(const ConvertOptions& options) {
-    auto future = std::async(std::launch::async,
-                             [&] { return Convert(source_, target_, options); });
+    auto future =
+        std::async(std::launch::async, [&] { return Convert(source_, target_, options); });
     if (future.wait_for(kHangLimit) != std::future_status::ready) {
       std::fprintf(stderr, "fault_test: Convert hung\n");
       std::_Exit(1);  // the thread cannot be cancelled
@@ -107,7 +107,8 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
     if (access(target_.c_str(), F_OK) != 0 || !HasQcowMagic(target_)) return;
     auto check = testing::QemuImgCheck(target_);
     ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3)
-        << "corruption after a failed conversion:\n" << check.output;
+        << "corruption after a failed conversion:\n"
+        << check.output;
     auto info = ReadImageInfo(target_);
     ASSERT_TRUE(info.ok()) << info.status().message();
     EXPECT_TRUE(info->dirty) << "a failed conversion left an image that looks complete";
@@ -130,8 +131,8 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
       }
       ++fired;
       ASSERT_FALSE(result.ok()) << where << ": Convert returned OK after an injected fault";
-      EXPECT_EQ(result.status().code(), expected_code) << where << ": "
-                                                       << result.status().message();
+      EXPECT_EQ(result.status().code(), expected_code)
+          << where << ": " << result.status().message();
       EXPECT_NE(result.status().message().find(target_), std::string::npos)
           << where << ": " << result.status().message();
       VerifyFailedTarget(where);
@@ -165,12 +166,13 @@ TEST_P(FaultTest, EveryFailedWriteOrSyncIsReportedAndHarmless) {
   FailEveryNth(Op::kSync, syncs, EIO, Status::Code::kIOError);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Geometries, FaultTest,
-    ::testing::Values(Geometry{"Clusters64K", 4u << 20, 65536, false},
-                      Geometry{"Clusters64KDirect", 4u << 20, 65536, true},
-                      Geometry{"Clusters4K", 1u << 20, 4096, false}),
-    [](const ::testing::TestParamInfo<Geometry>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Geometries, FaultTest,
+                         ::testing::Values(Geometry{"Clusters64K", 4u << 20, 65536, false},
+                                           Geometry{"Clusters64KDirect", 4u << 20, 65536, true},
+                                           Geometry{"Clusters4K", 1u << 20, 4096, false}),
+                         [](const ::testing::TestParamInfo<Geometry>& info) {
+                           return info.param.name;
+                         });
 
 // ---- Durability -------------------------------------------------------------------------
 
@@ -243,8 +245,8 @@ TEST_P(DurabilityTest, CrashAfterFlushKeepsEverythingFlushed) {
     image->reset();
 
     auto check = testing::QemuImgCheck(path);
-    ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3)
-        << "corruption after a crash:\n" << check.output;
+    ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3) << "corruption after a crash:\n"
+                                                              << check.output;
     auto reopened = Image::Open(path, OpenOptions{});
     ASSERT_TRUE(reopened.ok()) << reopened.status().message();
     auto zq_check = CheckImage(path);

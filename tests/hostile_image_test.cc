@@ -74,9 +74,9 @@ using Code = Status::Code;
 constexpr uint64_t kClusterSize = 65536;
 constexpr uint64_t kVirtualSize = 1 << 20;
 // The base image's guest layout (see MakeBaseImage).
-constexpr uint64_t kNormalGuest = 0;           // 0x11, a normal cluster
-constexpr uint64_t kCompressedGuest = 65536;   // 0x22, a compressed cluster
-constexpr uint64_t kZeroGuest = 131072;        // a zero cluster
+constexpr uint64_t kNormalGuest = 0;          // 0x11, a normal cluster
+constexpr uint64_t kCompressedGuest = 65536;  // 0x22, a compressed cluster
+constexpr uint64_t kZeroGuest = 131072;       // a zero cluster
 constexpr uint8_t kNormalPattern = 0x11;
 constexpr uint8_t kCompressedPattern = 0x22;
 
@@ -144,20 +144,20 @@ uint64_t WithCompressedSectors(uint64_t entry, uint64_t sectors) {
 }
 
 enum class Expect {
-  kOpenFails,      // Image::Open must fail with one of `codes`, naming file and field
-  kReadFails,      // Open may succeed; reading `guest` must then fail (never return data)
+  kOpenFails,         // Image::Open must fail with one of `codes`, naming file and field
+  kReadFails,         // Open may succeed; reading `guest` must then fail (never return data)
   kReadExactOrFails,  // reading `guest` returns the original bytes, or fails cleanly
-  kCheckCorrupt,   // Open/Read must not crash (errors allowed); CheckImage finds corruption
+  kCheckCorrupt,      // Open/Read must not crash (errors allowed); CheckImage finds corruption
 };
 
 struct HostileCase {
   std::string name;
   std::function<void(std::vector<uint8_t>&, const Layout&)> patch;
   Expect expect;
-  std::vector<Code> codes;              // acceptable error codes
-  std::vector<std::string> keywords;    // the message names one of these (case-insensitive)
-  uint64_t guest = 0;                   // kRead*: the guest cluster concerned
-  uint8_t pattern = 0;                  // kReadExactOrFails: the original content
+  std::vector<Code> codes;            // acceptable error codes
+  std::vector<std::string> keywords;  // the message names one of these (case-insensitive)
+  uint64_t guest = 0;                 // kRead*: the guest cluster concerned
+  uint8_t pattern = 0;                // kReadExactOrFails: the original content
 };
 void PrintTo(const HostileCase& c, std::ostream* os) { *os << c.name; }
 
@@ -169,13 +169,13 @@ std::vector<HostileCase> Cases() {
   std::vector<HostileCase> cases;
   auto add = [&](std::string name, auto patch, Expect expect, std::vector<Code> codes,
                  std::vector<std::string> keywords, uint64_t guest = 0, uint8_t pattern = 0) {
-    cases.push_back({std::move(name), patch, expect, std::move(codes), std::move(keywords),
-                     guest, pattern});
+    cases.push_back(
+        {std::move(name), patch, expect, std::move(codes), std::move(keywords), guest, pattern});
   };
   using B = std::vector<uint8_t>;
   // Header fields.
-  add("bad_magic", [](B& b, const Layout&) { Put32(b, kOffMagic, 0x514649fa); },
-      Expect::kOpenFails, {Code::kCorruption, Code::kInvalidArgument, Code::kNotSupported},
+  add("bad_magic", [](B& b, const Layout&) { Put32(b, kOffMagic, 0x514649fa); }, Expect::kOpenFails,
+      {Code::kCorruption, Code::kInvalidArgument, Code::kNotSupported},
       {"magic", "qcow2", "not a"});
   add("version_4", [](B& b, const Layout&) { Put32(b, kOffVersion, 4); }, Expect::kOpenFails,
       kMalformed, {"version"});
@@ -192,8 +192,7 @@ std::vector<HostileCase> Cases() {
       Expect::kOpenFails, kMalformed, {"l1"});
   add("l1_far_past_eof", [](B& b, const Layout&) { Put64(b, kOffL1TableOffset, 1ull << 55); },
       Expect::kOpenFails, kMalformed, {"l1"});
-  add("l1_unaligned",
-      [](B& b, const Layout& l) { Put64(b, kOffL1TableOffset, l.l1_offset + 512); },
+  add("l1_unaligned", [](B& b, const Layout& l) { Put64(b, kOffL1TableOffset, l.l1_offset + 512); },
       Expect::kOpenFails, kMalformed, {"l1"});
   add("refcount_table_overlaps_header",
       [](B& b, const Layout&) { Put64(b, kOffRefcountTableOffset, 0); }, Expect::kOpenFails,
@@ -257,41 +256,47 @@ std::vector<HostileCase> Cases() {
       {"header", "short", "truncated", "small", "empty", "end of file", "not a", "magic"});
 
   // Table entries.
-  add("compressed_data_past_eof",
+  add(
+      "compressed_data_past_eof",
       [](B& b, const Layout& l) {
         Put64(b, l.l2_offset + 8 * (kCompressedGuest / kClusterSize),
               WithCompressedOffset(l.compressed_entry, l.end_cluster + 10 * kClusterSize));
       },
       Expect::kReadFails, kReadError, {"compress", "end of file", "eof", "past", "beyond"},
       kCompressedGuest);
-  add("compressed_data_cut_by_eof",
+  add(
+      "compressed_data_cut_by_eof",
       [](B& b, const Layout& l) {
         Put64(b, l.l2_offset + 8 * (kCompressedGuest / kClusterSize),
               WithCompressedOffset(l.compressed_entry, l.file_size - 10));
       },
       Expect::kReadFails, kReadError, {"compress", "end of file", "eof", "past", "beyond"},
       kCompressedGuest);
-  add("compressed_sectors_max",
+  add(
+      "compressed_sectors_max",
       [](B& b, const Layout& l) {
         Put64(b, l.l2_offset + 8 * (kCompressedGuest / kClusterSize),
               WithCompressedSectors(l.compressed_entry, kCompressedSectorsMask));
       },
       Expect::kReadExactOrFails, kReadError, {"compress", "end of file", "eof", "past"},
       kCompressedGuest, kCompressedPattern);
-  add("compressed_garbage_stream",
+  add(
+      "compressed_garbage_stream",
       [](B& b, const Layout& l) {
         const uint64_t data = l.compressed_entry & kCompressedOffsetMask;
         for (uint64_t i = 0; i < 64; ++i) b[data + i] = static_cast<uint8_t>(0xff - i);
       },
       Expect::kReadFails, kReadError, {"compress", "decompress", "corrupt", "stream"},
       kCompressedGuest);
-  add("l2_table_past_eof",
+  add(
+      "l2_table_past_eof",
       [](B& b, const Layout& l) {
         Put64(b, l.l1_offset, kCopied | (l.end_cluster + 64 * kClusterSize));
       },
       Expect::kReadFails, {Code::kCorruption, Code::kIOError}, {"l2", "end of file", "past"},
       kNormalGuest);
-  add("l2_table_unaligned",
+  add(
+      "l2_table_unaligned",
       [](B& b, const Layout& l) { Put64(b, l.l1_offset, kCopied | (l.l2_offset + 512)); },
       Expect::kReadFails, kMalformed, {"l2", "l1", "align"}, kNormalGuest);
   add("l2_table_is_the_l1_table",
@@ -305,8 +310,7 @@ std::vector<HostileCase> Cases() {
       Expect::kCheckCorrupt, {}, {});
   add("compressed_and_copied",
       [](B& b, const Layout& l) {
-        Put64(b, l.l2_offset + 8 * (kCompressedGuest / kClusterSize),
-              l.compressed_entry | kCopied);
+        Put64(b, l.l2_offset + 8 * (kCompressedGuest / kClusterSize), l.compressed_entry | kCopied);
       },
       Expect::kCheckCorrupt, {}, {});
   add("l2_reserved_bits",
@@ -331,8 +335,8 @@ class HostileImageTest : public ::testing::TestWithParam<HostileCase> {
     base_dir_ = new TempDir();
     base_ = base_dir_->File("base.qcow2");
     // 1 MiB, 64 KiB clusters: a normal, a compressed and a zero cluster.
-    auto r = RunCommand("qemu-img create -q -f qcow2 -o cluster_size=65536 " +
-                        ShellQuote(base_) + " 1M && qemu-io -f qcow2" +
+    auto r = RunCommand("qemu-img create -q -f qcow2 -o cluster_size=65536 " + ShellQuote(base_) +
+                        " 1M && qemu-io -f qcow2" +
                         " -c 'write -P 0x11 0 64k' -c 'write -c -P 0x22 64k 64k'" +
                         " -c 'write -z 128k 64k' " + ShellQuote(base_));
     ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -383,8 +387,7 @@ void ExpectClearError(const Status& status, const std::string& path, const Hosti
   bool named = false;
   for (const std::string& k : c.keywords) named = named || lower.find(k) != std::string::npos;
   EXPECT_TRUE(named) << "message does not name the field: " << status.message();
-  EXPECT_EQ(status.message().find('\n'), std::string::npos) << "not one line: "
-                                                             << status.message();
+  EXPECT_EQ(status.message().find('\n'), std::string::npos) << "not one line: " << status.message();
 }
 
 TEST_F(HostileImageTest, BaseImageIsValid) {
@@ -431,8 +434,7 @@ TEST_P(HostileImageTest, FailsCleanly) {
         ExpectClearError(open, path, c);
       } else {
         ASSERT_FALSE(guest_read.ok()) << "read of a broken cluster returned data";
-        EXPECT_NE(std::find(c.codes.begin(), c.codes.end(), guest_read.code()),
-                  c.codes.end())
+        EXPECT_NE(std::find(c.codes.begin(), c.codes.end(), guest_read.code()), c.codes.end())
             << guest_read.message();
         EXPECT_NE(guest_read.message().find(path), std::string::npos) << guest_read.message();
       }
@@ -472,23 +474,22 @@ TEST_F(HostileImageTest, SnapshotsAreRefused) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto image = Image::Open(path, OpenOptions{});
   ASSERT_FALSE(image.ok()) << "an image with internal snapshots was opened";
-  ExpectClearError(image.status(), path,
-                   HostileCase{"snapshots", nullptr, Expect::kOpenFails, kUnsupported,
-                               {"snapshot"}});
+  ExpectClearError(
+      image.status(), path,
+      HostileCase{"snapshots", nullptr, Expect::kOpenFails, kUnsupported, {"snapshot"}});
 }
 
 TEST_F(HostileImageTest, RealBackingFileIsRefused) {
   const std::string backing = dir_.File("backing.raw");
   const std::string path = dir_.File("overlay.qcow2");
   auto r = RunCommand("qemu-img create -q -f raw " + ShellQuote(backing) +
-                      " 1M && qemu-img create -q -f qcow2 -F raw -b " + ShellQuote(backing) +
-                      " " + ShellQuote(path));
+                      " 1M && qemu-img create -q -f qcow2 -F raw -b " + ShellQuote(backing) + " " +
+                      ShellQuote(path));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto image = Image::Open(path, OpenOptions{});
   ASSERT_FALSE(image.ok()) << "an image with a backing file was opened";
   ExpectClearError(image.status(), path,
-                   HostileCase{"backing", nullptr, Expect::kOpenFails, kUnsupported,
-                               {"backing"}});
+                   HostileCase{"backing", nullptr, Expect::kOpenFails, kUnsupported, {"backing"}});
 }
 
 TEST_F(HostileImageTest, MissingFileIsNotFound) {
