@@ -12,6 +12,20 @@
 
 namespace zqcow::testing {
 
+// Sanitizer runtimes keep freed memory in quarantine and add shadow memory, so resident-
+// memory bounds are only asserted in plain builds.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool kSanitizerBuild = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+inline constexpr bool kSanitizerBuild = true;
+#else
+inline constexpr bool kSanitizerBuild = false;
+#endif
+#else
+inline constexpr bool kSanitizerBuild = false;
+#endif
+
 // A fresh directory under $TMPDIR (default /var/tmp, which is disk-backed so O_DIRECT
 // works), removed with its contents on destruction.
 class TempDir {
