@@ -246,8 +246,34 @@ Status Qcow2Image::ReplaceEntryLocked(GuestCluster cluster, uint64_t raw) {
   return Status::OK();
 }
 
+// Holds a guest cluster exclusively for one writer from construction to destruction.
+class Qcow2Image::ClusterWriteGuard {
+ public:
+  ClusterWriteGuard(Qcow2Image* image, GuestCluster cluster)
+      : image_(image), cluster_(cluster.value()) {
+    std::unique_lock lock(image_->mutex_);
+    image_->cluster_written_.wait(
+        lock, [&] { return !image_->clusters_being_written_.contains(cluster_); });
+    image_->clusters_being_written_.insert(cluster_);
+  }
+  ~ClusterWriteGuard() {
+    {
+      std::lock_guard lock(image_->mutex_);
+      image_->clusters_being_written_.erase(cluster_);
+    }
+    image_->cluster_written_.notify_all();
+  }
+  ClusterWriteGuard(const ClusterWriteGuard&) = delete;
+  ClusterWriteGuard& operator=(const ClusterWriteGuard&) = delete;
+
+ private:
+  Qcow2Image* image_;
+  uint64_t cluster_;
+};
+
 Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
                                    std::span<const uint8_t> data) {
+  ClusterWriteGuard exclusive(this, cluster);
   uint64_t old_raw = 0;
   uint64_t host = 0;
   bool in_place = false;

@@ -25,9 +25,11 @@
 #ifndef ZQCOW_QCOW2_QCOW2_ENGINE_H_
 #define ZQCOW_QCOW2_QCOW2_ENGINE_H_
 
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <unordered_set>
 #include <span>
 #include <string>
 #include <vector>
@@ -107,8 +109,12 @@ class Qcow2Image final : public Image {
   // Reads [in_cluster, in_cluster + out.size()) of the cluster that `raw` describes.
   Status ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out);
   Status ReadCompressed(const format::L2Entry& entry, std::span<uint8_t> cluster);
+  // Writes part or all of one guest cluster. Writers of the same guest cluster are
+  // serialised (ClusterWriteGuard): a partial write is a read-modify-write done outside the
+  // metadata lock, and two at once would each write back the other's old bytes.
   Status WriteOneCluster(format::GuestCluster cluster, uint64_t in_cluster,
                          std::span<const uint8_t> data);
+  class ClusterWriteGuard;
   // Sets the L2 entry of `cluster` to `raw` and releases what the old entry referenced.
   Status ReplaceEntryLocked(format::GuestCluster cluster, uint64_t raw);
   // Whole clusters [first, first+count) -> `raw` (zero or unallocated); skips clusters
@@ -140,6 +146,9 @@ class Qcow2Image final : public Image {
   std::unique_ptr<CompressedWriteCache> write_cache_;
 
   mutable std::mutex mutex_;
+  // Guest clusters a WriteOneCluster is working on (guarded by mutex_).
+  std::unordered_set<uint64_t> clusters_being_written_;
+  std::condition_variable cluster_written_;
   io::AlignedBuffer header_cluster_;
   bool header_dirty_ = false;
   std::unique_ptr<MetadataCache> metadata_cache_;
