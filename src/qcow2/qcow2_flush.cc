@@ -137,6 +137,13 @@ Status Qcow2Image::CloseLocked(bool clear_dirty) {
       header_.incompatible_features = incompatible & ~format::kIncompatDirty;
       s = WriteHeaderLocked();
       if (s.ok()) s = file_->Sync();
+      if (!s.ok()) {
+        // The clean header may sit in the page cache without being durable: put the dirty
+        // bit back (best effort) so the image never looks complete after a failed close.
+        format::StoreBE64(h + kHeaderIncompatibleFeatures, incompatible);
+        header_.incompatible_features = incompatible;
+        (void)WriteHeaderLocked();
+      }
     }
   }
   closed_ = true;
