@@ -38,6 +38,7 @@ struct ConvertArgs {
   std::string output;  // "", "human" or "json"
   bool force = false;
   bool no_write_cache = false;
+  double checkpoint_seconds = ConvertOptions().checkpoint_seconds;
   std::string write_cache_size;
   bool drop_page_cache = false;
 };
@@ -101,6 +102,7 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   options.workers = args.workers;
   options.out_of_order = !args.in_order;
   options.overwrite = args.force;
+  options.checkpoint_seconds = args.checkpoint_seconds;
   if (args.no_write_cache) {
     options.target_io.write_cache = IoOptions::WriteCache::kOff;
   } else if (!args.write_cache_size.empty()) {
@@ -190,6 +192,10 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("--write-cache-size", args->write_cache_size,
                   "Enable the compressed write cache with this size (e.g. 4M)")
       ->excludes(no_cache);
+  app->add_option("--checkpoint", args->checkpoint_seconds,
+                  "Flush the target every SECONDS so a crash keeps the work done so far "
+                  "(default 5; 0 = only at the end)")
+      ->check(CLI::NonNegativeNumber);
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
   // SRC and DST are checked in `run` so that `-o help` works without them.

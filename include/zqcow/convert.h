@@ -54,6 +54,10 @@ struct ConvertOptions {
   unsigned workers = 0;           // -m; 0 = one per online core
   bool out_of_order = true;       // -W; false = clusters reach the image in guest order
   bool overwrite = false;         // replace an existing target
+  // Checkpoint: every this many seconds the target is flushed (data, refcounts, L2/L1,
+  // each synced), so a crash keeps everything converted before the last checkpoint as
+  // valid, allocated data in an image that still says "incomplete". 0 = only at the end.
+  double checkpoint_seconds = 5.0;
   // Called from the pipeline's coordinating thread every ~100 ms and at the end.
   std::function<void(const ConvertProgress&)> progress;
   // When set and true, the conversion stops soon, leaves the target flushed (consistent)

@@ -110,6 +110,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   pipeline_options.target_path = target;
   pipeline_options.cancel = options.cancel;
   pipeline_options.progress = options.progress;
+  pipeline_options.checkpoint_seconds = options.checkpoint_seconds;
   pipeline_options.start_time = start_time;
   convert::PipelineTotals totals;
   Status status =

@@ -438,11 +438,23 @@ Status Pipeline::Run(PipelineTotals* totals) {
   }
 
   {
+    using Clock = std::chrono::steady_clock;
+    const auto checkpoint_every = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(options_.checkpoint_seconds));
+    const bool checkpoints = options_.checkpoint_seconds > 0;
+    const auto tick =
+        checkpoints ? std::min<Clock::duration>(kProgressInterval, checkpoint_every) : kProgressInterval;
+    auto last_checkpoint = Clock::now();
     std::unique_lock lock(live_mutex_);
-    while (
-        !live_changed_.wait_for(lock, kProgressInterval, [this] { return live_threads_ == 0; })) {
+    while (!live_changed_.wait_for(lock, tick, [this] { return live_threads_ == 0; })) {
       lock.unlock();
       if (CancelRequested() && !stopped()) Fail(InterruptedStatus());
+      if (checkpoints && !stopped() && Clock::now() - last_checkpoint >= checkpoint_every) {
+        // Safe while workers write: the image orders data before the metadata naming it.
+        Status status = image_.Flush();
+        if (!status.ok()) Fail(status);
+        last_checkpoint = Clock::now();
+      }
       ReportProgress();
       lock.lock();
     }

@@ -43,6 +43,7 @@ struct PipelineOptions {
   std::string target_path;        // for error messages
   const std::atomic<bool>* cancel = nullptr;
   std::function<void(const ConvertProgress&)> progress;
+  double checkpoint_seconds = 0;  // > 0: image.Flush() that often (ConvertOptions)
   std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
 };
 
