@@ -14,6 +14,20 @@ namespace {
 constexpr uint32_t kByteOrder = 3;  // refcount_order of 8-bit entries
 constexpr uint64_t kRefcountTableReservedMask = (uint64_t{1} << 9) - 1;  // bits 0..8
 
+// Where entry `index` sits when several entries share a byte (refcount_order 0..2): entry 0
+// in the least significant bits.
+struct SubByteEntry {
+  uint64_t byte;
+  uint32_t shift;
+  uint32_t mask;
+};
+SubByteEntry LocateSubByteEntry(uint64_t index, uint32_t refcount_order) {
+  const uint32_t per_byte_bits = kByteOrder - refcount_order;
+  return {index >> per_byte_bits,
+          static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1)) << refcount_order,
+          (1u << (1u << refcount_order)) - 1};
+}
+
 }  // namespace
 
 uint64_t GetRefcount(std::span<const uint8_t> block, uint64_t index, uint32_t refcount_order) {
@@ -21,14 +35,9 @@ uint64_t GetRefcount(std::span<const uint8_t> block, uint64_t index, uint32_t re
     case 0:
     case 1:
     case 2: {
-      // Several entries per byte, entry 0 in the least significant bits.
-      const uint32_t per_byte_bits = kByteOrder - refcount_order;
-      const uint64_t byte = index >> per_byte_bits;
-      const uint32_t shift = static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1))
-                             << refcount_order;
-      const uint32_t mask = (1u << (1u << refcount_order)) - 1;
-      assert(byte < block.size());
-      return (block[byte] >> shift) & mask;
+      const SubByteEntry e = LocateSubByteEntry(index, refcount_order);
+      assert(e.byte < block.size());
+      return (block[e.byte] >> e.shift) & e.mask;
     }
     case 3:
       assert(index < block.size());
@@ -54,15 +63,11 @@ void SetRefcount(std::span<uint8_t> block, uint64_t index, uint32_t refcount_ord
     case 0:
     case 1:
     case 2: {
-      const uint32_t per_byte_bits = kByteOrder - refcount_order;
-      const uint64_t byte = index >> per_byte_bits;
-      const uint32_t shift = static_cast<uint32_t>(index & ((uint64_t{1} << per_byte_bits) - 1))
-                             << refcount_order;
-      const uint32_t mask = (1u << (1u << refcount_order)) - 1;
-      assert(byte < block.size());
-      assert(value <= mask);
-      block[byte] = static_cast<uint8_t>((block[byte] & ~(mask << shift)) |
-                                         ((static_cast<uint32_t>(value) & mask) << shift));
+      const SubByteEntry e = LocateSubByteEntry(index, refcount_order);
+      assert(e.byte < block.size());
+      assert(value <= e.mask);
+      block[e.byte] = static_cast<uint8_t>((block[e.byte] & ~(e.mask << e.shift)) |
+                                           ((static_cast<uint32_t>(value) & e.mask) << e.shift));
       return;
     }
     case 3:

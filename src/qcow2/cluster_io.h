@@ -8,6 +8,8 @@
 #define ZQCOW_QCOW2_CLUSTER_IO_H_
 
 #include <cstdint>
+#include <cstdio>
+#include <string>
 
 #include "io/aligned_buffer.h"
 #include "io/file.h"
@@ -19,6 +21,13 @@ namespace zqcow::qcow2 {
 // Bytes past end of file read as zeros.
 Result<io::AlignedBuffer> ReadTable(io::File* file, uint64_t offset, size_t length);
 Status WriteTable(io::File* file, uint64_t offset, const io::AlignedBuffer& data);
+
+// "0x1f000": how error messages show host offsets.
+inline std::string Hex(uint64_t value) {
+  char buf[24];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(value));
+  return buf;
+}
 
 }  // namespace zqcow::qcow2
 

@@ -11,14 +11,6 @@
 
 namespace zqcow::qcow2 {
 
-namespace {
-std::string Hex(uint64_t v) {
-  char buf[32];
-  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
-
 ClusterMap::ClusterMap(io::File* file, MetadataCache* cache, const format::Geometry& geometry,
                        uint64_t l1_offset, uint64_t l1_size, io::AlignedBuffer l1)
     : file_(file),

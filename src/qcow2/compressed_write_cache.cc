@@ -12,6 +12,7 @@
 // Nobody but the thread that set `writing` may erase or change the entry.
 
 #include "qcow2/compressed_write_cache.h"
+#include "qcow2/cluster_io.h"
 
 #include <algorithm>
 #include <cassert>
@@ -32,12 +33,6 @@ namespace {
 
 constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = 2U << 20;
-
-std::string Hex(uint64_t value) {
-  char text[24];
-  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(value));
-  return text;
-}
 
 // Receipt of one host cluster's compressed bytes.
 struct ClusterFill {

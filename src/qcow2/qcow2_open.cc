@@ -22,12 +22,6 @@ namespace {
 
 constexpr uint64_t kMaxClusterSize = uint64_t{1} << format::kMaxClusterBits;
 
-std::string Hex(uint64_t v) {
-  char buf[32];
-  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 // The end of the used area according to the refcounts: one past the last cluster with a
 // nonzero refcount in the last refcount block that exists.
 Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,

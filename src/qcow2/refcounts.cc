@@ -12,14 +12,6 @@
 
 namespace zqcow::qcow2 {
 
-namespace {
-std::string Hex(uint64_t v) {
-  char buf[32];
-  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
-
 Refcounts::Refcounts(io::File* file, MetadataCache* cache, const format::RefcountGeometry& geometry,
                      uint64_t table_offset, uint32_t table_clusters, io::AlignedBuffer table,
                      format::HostCluster next_free)
