@@ -10,9 +10,14 @@
 // file I/O never does. While a unit is being written (`writing`), its buffer is only read:
 // writers and SetClusterEnd for that unit wait, Read still copies from it, Discard waits.
 // Nobody but the thread that set `writing` may erase or change the entry.
+//
+// A finished unit is `ready`: queued in `ready_` (by offset) until a batch takes it. The
+// writer thread takes the lowest ready units, up to kMaxBatchBytes, marks them writing and
+// submits them with one WriteBatch; while it writes, more units finish, so batches grow with
+// the load by themselves. A ready unit that changes (a block of several clusters whose next
+// cluster receives a piece, or a Discard) stops being ready until it finishes again.
 
 #include "qcow2/compressed_write_cache.h"
-#include "qcow2/cluster_io.h"
 
 #include <algorithm>
 #include <cassert>
@@ -21,11 +26,15 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "io/aligned_buffer.h"
+#include "qcow2/cluster_io.h"
 
 namespace zqcow::qcow2 {
 
@@ -33,6 +42,8 @@ namespace {
 
 constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = 2U << 20;
+// Most bytes of finished units one batch writes (at least one unit).
+constexpr size_t kMaxBatchBytes = size_t{2} << 20;
 
 // Receipt of one host cluster's compressed bytes.
 struct ClusterFill {
@@ -50,6 +61,7 @@ struct Unit {
   io::AlignedBuffer buffer;  // unit size, zero filled; allocated with the first piece
   std::vector<ClusterFill> fills;
   bool writing = false;  // a write of this unit is in flight (see the file comment)
+  bool ready = false;    // finished and queued in ready_ for a batch write
   bool dirty = false;    // holds bytes that no write of this unit has covered yet
 };
 
@@ -73,9 +85,22 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         unit_size_(static_cast<uint32_t>(std::max<size_t>(cluster_size, alignment_))),
         clusters_per_unit_(unit_size_ / cluster_size) {
     if (options_.max_clusters == 0) options_.max_clusters = 1;
+    if (options_.enabled && options_.background_writer) {
+      try {
+        writer_ = std::thread([this] { WriterMain(); });
+      } catch (const std::system_error&) {
+        // No thread to be had: finishing callers write their clusters themselves.
+      }
+    }
   }
 
   ~CompressedWriteCacheImpl() override {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    work_.notify_all();
+    if (writer_.joinable()) writer_.join();
     std::lock_guard lock(mutex_);
     for ([[maybe_unused]] const auto& [offset, unit] : units_) assert(!unit->writing);
   }
@@ -133,8 +158,7 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     }
     fill.data_end = data_end;
     fill.end_set = true;
-    if (UnitFinished(*unit)) return WriteFinishedUnit(lock, unit_offset, unit);
-    return Status::OK();
+    return UnitChanged(lock, unit_offset, unit);
   }
 
   Status Flush() override {
@@ -151,6 +175,10 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         auto it = units_.find(unit_offset);
         if (it == units_.end()) break;
         Unit* unit = it->second.get();
+        if (unit->ready) {
+          WriteReadyBatch(lock);  // rather than wait for the writer thread
+          continue;
+        }
         if (unit->writing) {
           changed_.wait(lock);
           continue;
@@ -237,6 +265,10 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         changed_.wait(lock);
         continue;
       }
+      if (unit.ready) {
+        ready_.erase(unit_offset);
+        unit.ready = false;
+      }
       unit.fills[ClusterIndex(host_cluster_offset)] = EmptyFill();
       if (unit.buffer.size() != 0) {
         std::memset(
@@ -251,8 +283,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         lock.unlock();
         return;  // `doomed` freed outside the lock
       }
-      // A block of several clusters whose other clusters are all complete: write it now.
-      if (UnitFinished(unit)) (void)WriteFinishedUnit(lock, unit_offset, &unit);
+      // A block of several clusters whose other clusters are all complete: write it.
+      (void)UnitChanged(lock, unit_offset, &unit);
       return;
     }
   }
@@ -326,6 +358,10 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         continue;
       }
       if (!cached && !Admissible(unit_offset)) {
+        if (!ready_.empty()) {
+          WriteReadyBatch(lock);  // make room by writing finished clusters ourselves
+          continue;
+        }
         if (!counted_wait) {
           ++stats_.waits;
           counted_wait = true;
@@ -359,8 +395,114 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     fill.received += length;
     fill.high_end = std::max(fill.high_end, in_cluster + length);
     unit->dirty = true;
-    if (UnitFinished(*unit)) return WriteFinishedUnit(lock, unit_offset, unit);
-    return Status::OK();
+    return UnitChanged(lock, unit_offset, unit);
+  }
+
+  // REQUIRES: mutex_ held through `lock`; *unit changed and is not being written.
+  // Queues it when it became finished (or writes it at once without a writer thread);
+  // takes it out of the queue when it is no longer finished. Returns the sticky error.
+  Status UnitChanged(std::unique_lock<std::mutex>& lock, uint64_t unit_offset, Unit* unit) {
+    const bool finished = UnitFinished(*unit);
+    if (unit->ready && !finished) {
+      ready_.erase(unit_offset);
+      unit->ready = false;
+    } else if (!unit->ready && finished) {
+      if (!writer_.joinable()) return WriteFinishedUnit(lock, unit_offset, unit);
+      unit->ready = true;
+      ready_.insert(unit_offset);
+      work_.notify_one();
+    }
+    return error_;
+  }
+
+  void WriterMain() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      work_.wait(lock, [this] { return stopping_ || !ready_.empty(); });
+      if (stopping_) return;
+      WriteReadyBatch(lock);
+    }
+  }
+
+  // REQUIRES: mutex_ held through `lock` (held again on return), ready_ not empty.
+  // Takes the lowest ready units (up to kMaxBatchBytes), writes them with one batch outside
+  // the lock, drops them and wakes waiters. After a sticky error they are dropped unwritten:
+  // the image is failed anyway.
+  void WriteReadyBatch(std::unique_lock<std::mutex>& lock) {
+    struct Item {
+      uint64_t offset;
+      Unit* unit;
+      WritePlan plan;
+    };
+    std::vector<Item> items;
+    size_t bytes = 0;
+    while (!ready_.empty() && (items.empty() || bytes + unit_size_ <= kMaxBatchBytes)) {
+      const uint64_t unit_offset = *ready_.begin();
+      ready_.erase(ready_.begin());
+      Unit* unit = units_.at(unit_offset).get();
+      assert(unit->ready && !unit->writing);
+      unit->ready = false;
+      unit->writing = true;
+      items.push_back({unit_offset, unit, PlanWrite(unit_offset, *unit)});
+      bytes += unit_size_;
+    }
+    const bool write = error_.ok();
+    lock.unlock();
+    Status status;
+    if (write) {
+      // Units back to back go out as one write (copied together), so the file system sees
+      // one large request instead of several racing for the same inode lock.
+      size_t i = 0;
+      while (status.ok() && i < items.size()) {
+        const Item& first = items[i];
+        if (first.plan.read_first) {
+          status = WriteUnit(first.plan, *first.unit);
+          ++i;
+          continue;
+        }
+        size_t end = i + 1;
+        while (end < items.size() && !items[end].plan.read_first &&
+               items[end - 1].plan.length == unit_size_ &&
+               items[end].offset == items[end - 1].offset + unit_size_) {
+          ++end;
+        }
+        size_t length = 0;
+        if (end - i == 1) {
+          length = first.plan.length;
+          status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
+        } else {
+          io::AlignedBuffer joined = TakeJoinBuffer();
+          for (size_t k = i; k < end; ++k) {
+            std::memcpy(joined.data() + length, items[k].unit->buffer.data(), items[k].plan.length);
+            length += items[k].plan.length;
+          }
+          status = file_->WriteAt(first.offset, joined.data(), length);
+          ReturnJoinBuffer(std::move(joined));
+        }
+        if (status.ok() && options_.drop_page_cache) {
+          (void)file_->DropCache(first.offset, length);  // a hint only
+        }
+        i = end;
+      }
+    }
+    std::vector<std::unique_ptr<Unit>> doomed;
+    doomed.reserve(items.size());
+    lock.lock();
+    if (!status.ok() && error_.ok()) error_ = status;
+    if (write && status.ok()) {
+      stats_.clusters_written_whole += items.size();
+      ++stats_.write_batches;
+    }
+    for (const Item& item : items) {
+      auto it = units_.find(item.offset);
+      assert(it != units_.end() && it->second.get() == item.unit);
+      doomed.push_back(std::move(it->second));
+      units_.erase(it);
+    }
+    changed_.notify_all();
+    lock.unlock();
+    doomed.clear();  // buffers freed outside the lock
+    lock.lock();
   }
 
   // REQUIRES: mutex_ held through `lock`; *unit is finished and not being written.
@@ -384,6 +526,23 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     Status result = error_;
     lock.unlock();
     return result;  // `doomed` is freed outside the lock
+  }
+
+  // A buffer for joining units (kMaxBatchBytes), reused between batches.
+  io::AlignedBuffer TakeJoinBuffer() {
+    {
+      std::lock_guard lock(join_buffers_mutex_);
+      if (!join_buffers_.empty()) {
+        io::AlignedBuffer buffer = std::move(join_buffers_.back());
+        join_buffers_.pop_back();
+        return buffer;
+      }
+    }
+    return io::AlignedBuffer(kMaxBatchBytes, std::max(alignment_, io::kBufferAlignment));
+  }
+  void ReturnJoinBuffer(io::AlignedBuffer buffer) {
+    std::lock_guard lock(join_buffers_mutex_);
+    join_buffers_.push_back(std::move(buffer));
   }
 
   // REQUIRES: mutex_ held; the unit holds received bytes.
@@ -491,11 +650,17 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
   mutable std::mutex mutex_;
   // Signalled when a unit leaves the cache or a write of one ends (and on errors).
   std::condition_variable changed_;
+  std::condition_variable work_;                     // ready_ got a unit, or stopping_
   std::map<uint64_t, std::unique_ptr<Unit>> units_;  // by unit offset
-  Status error_;                                     // sticky: the first failed write
+  std::set<uint64_t> ready_;                         // finished units waiting for a batch
+  bool stopping_ = false;
+  Status error_;  // sticky: the first failed write
   Stats stats_;
 
   std::mutex read_modify_write_mutex_;  // disabled mode on an O_DIRECT file
+  std::mutex join_buffers_mutex_;
+  std::vector<io::AlignedBuffer> join_buffers_;  // guarded by join_buffers_mutex_
+  std::thread writer_;  // the background writer; not joinable when there is none
 };
 
 }  // namespace

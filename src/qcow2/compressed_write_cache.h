@@ -9,9 +9,13 @@
 // (a bump pointer). A host cluster therefore receives a set of non-overlapping pieces that
 // start at the cluster's first byte and run up to its *data end*: the cluster end, or less
 // when the allocator moved on to a non-contiguous cluster and said so with SetClusterEnd().
-// A cluster is *finished* when all bytes in [0, data end) have arrived; the writer whose
-// piece finished it writes it out with one aligned write (tail padded with zeros up to the
-// file's alignment, never beyond the cluster) and drops it from memory.
+// A cluster is *finished* when all bytes in [0, data end) have arrived. It is then written
+// out with one aligned write (tail padded with zeros up to the file's alignment, never
+// beyond the cluster) and dropped from memory: by the cache's writer thread (the default),
+// which takes every finished cluster that is waiting and submits them together as one batch
+// (io_uring: adjacent clusters merge into large requests), so compression workers never wait
+// for the disk; or, with Options::background_writer off, by the caller whose piece (or
+// cluster end) finished it, before that call returns.
 //
 // REQUIRES of the caller (the image's allocator):
 // - Every host cluster that receives pieces is fresh: nothing else is ever written to it,
@@ -19,11 +23,13 @@
 //   (The allocator never continues a host cluster that a previous session half filled.)
 // - Pieces never overlap and never lie beyond a data end given by SetClusterEnd().
 //
-// Memory: at most max_clusters clusters are held, except that a writer whose cluster lies
-// below every cached cluster is always admitted (so the oldest allocation can always finish
-// and progress is guaranteed, even with one worker), and SetClusterEnd never waits for room;
-// the bound is therefore max_clusters + number of concurrent writers (+ clusters that only
-// received a SetClusterEnd). Writers that must wait block on a condition variable; nobody
+// Memory: at most max_clusters clusters are held (finished ones count until their write
+// ends), except that a writer whose cluster lies below every cached cluster is always
+// admitted (so the oldest allocation can always finish and progress is guaranteed, even with
+// one worker), and SetClusterEnd never waits for room; the bound is therefore max_clusters +
+// number of concurrent writers (+ clusters that only received a SetClusterEnd). A writer
+// that finds the cache full writes the finished clusters that wait for the writer thread
+// itself, if there are any, and otherwise blocks on a condition variable; nobody
 // busy-loops. The guarantee assumes what the image's workers do: each thread delivers its
 // own pieces in allocation order (one Write per compressed cluster, allocated just before),
 // and SetClusterEnd for a cluster comes before any piece of a later allocation.
@@ -42,10 +48,13 @@
 // Threading: every method may be called from any thread at once. File I/O never runs under
 // the cache's lock; a cluster being written stays readable from memory.
 // Errors: the first failed write is sticky: every later Write/SetClusterEnd/Flush/Read
-// returns it, and writers waiting for room are woken and return it. Caller bugs (a piece
-// beyond a cluster's data end, overlapping pieces as far as they can be seen) assert in debug
-// builds and return kInvalidArgument otherwise, without making the error sticky.
-// Destroying the cache drops whatever is cached: call Flush() first.
+// returns it, and writers waiting for room are woken and return it. A failed write of the
+// writer thread is therefore reported by the next call (by Flush at the latest). Caller
+// bugs (a piece beyond a cluster's data end, overlapping pieces as far as they can be seen)
+// assert in debug builds and return kInvalidArgument otherwise, without making the error
+// sticky.
+// Destroying the cache stops its writer thread and drops whatever is cached: call Flush()
+// first.
 
 #ifndef ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
 #define ZQCOW_QCOW2_COMPRESSED_WRITE_CACHE_H_
@@ -70,6 +79,9 @@ class CompressedWriteCache {
     // from the page cache (sync_file_range + posix_fadvise DONTNEED): the "buffered +
     // fadvise" alternative to O_DIRECT, for benchmarks. Off by default.
     bool drop_page_cache = false;
+    // Finished clusters are written by a thread of the cache, in batches (see the class
+    // comment). Off: the caller that finishes a cluster writes it before returning.
+    bool background_writer = true;
   };
 
   struct Stats {
@@ -78,6 +90,7 @@ class CompressedWriteCache {
     uint64_t pieces = 0;                    // Write() calls' pieces
     uint64_t waits = 0;                     // times a writer blocked on a full cache
     uint64_t peak_clusters = 0;             // most clusters held at once
+    uint64_t write_batches = 0;             // batches of finished clusters submitted
   };
 
   // `file` must outlive the cache. cluster_size is the image's (512 B .. 2 MiB).
@@ -88,21 +101,21 @@ class CompressedWriteCache {
   // Stores `data` at host byte offset `host_offset`. The range may cross into following
   // host clusters; it is split into one piece per host cluster. May block while the cache
   // is full, or while Flush writes the same cluster. When the piece finishes its cluster,
-  // this call writes the cluster (one aligned write) before returning. Returns the sticky
-  // error if one happened (also for empty `data`).
+  // the cluster is queued for the writer thread (or, without one, written by this call
+  // before it returns). Returns the sticky error if one happened (also for empty `data`).
   virtual Status Write(uint64_t host_offset, std::span<const uint8_t> data) = 0;
 
   // The allocator's word that host cluster `host_cluster_offset` (cluster-aligned) holds no
   // compressed data at or beyond `data_end` (1 .. cluster_size): no piece will arrive there.
-  // The cluster may then finish (and be written, by this call) before it is full. May come
+  // The cluster may then finish (and be queued or written) before it is full. May come
   // before or after the pieces; never waits for room. With data_end == cluster_size and
   // nothing cached for the cluster it is a no-op.
   virtual Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) = 0;
 
-  // Writes every cached cluster (finished ones whole; unfinished ones up to their received
-  // end rounded up to the alignment, and they stay cached so later pieces can complete
-  // them) and waits for writes in flight. Does NOT fdatasync: the caller syncs the file
-  // after Flush and before writing metadata that points at this data.
+  // Writes every cluster cached when it is called (finished ones whole; unfinished ones up
+  // to their received end rounded up to the alignment, and they stay cached so later pieces
+  // can complete them) and waits for their writes in flight. Does NOT fdatasync: the caller syncs
+  // the file after Flush and before writing metadata that points at this data.
   virtual Status Flush() = 0;
 
   // Fills `out` with the bytes at host offset [host_offset, host_offset + out.size()): from

@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <mutex>
 #include <ostream>
 #include <random>
@@ -42,6 +41,14 @@ constexpr uint32_t kKiB = 1024;
 constexpr uint32_t kMiB = 1024 * 1024;
 constexpr auto kWatchdogTimeout = std::chrono::seconds(120);
 constexpr uint8_t kMetadataPattern = 0xA5;
+
+// Without the writer thread: the caller that finishes a cluster writes it before returning,
+// so a test can look at the file right after the call.
+Options Inline() {
+  Options options;
+  options.background_writer = false;
+  return options;
+}
 
 // Aborts the process (with a message) if the test body does not finish in time: a deadlock
 // must fail, not hang.
@@ -418,47 +425,60 @@ TEST_P(CachePropertyTest, RandomDeliveriesGiveTheBytesOfDirectWrites) {
       {8, Delivery::kAnyOrder, 0, true, true, false},  // disabled: straight to the file
   };
   uint64_t seed = geometry.cluster_size * 7 + geometry.alignment;
-  for (const RunConfig& config : configs) {
-    ++seed;
-    const Scenario s =
-        MakeScenario(geometry.cluster_size, DataClustersFor(geometry.cluster_size), seed);
-    const std::string label = "cluster " + std::to_string(geometry.cluster_size) + " alignment " +
-                              std::to_string(geometry.alignment) + " threads " +
-                              std::to_string(config.threads) + " max " +
-                              std::to_string(config.max_clusters) + " seed " + std::to_string(seed);
-    MemoryFile file(geometry.alignment, /*direct=*/true);
-    file.SetContents(s.initial);
-    Options options;
-    options.enabled = config.enabled;
-    options.max_clusters = config.max_clusters;
-    auto cache = CompressedWriteCache::Create(&file, geometry.cluster_size, options);
-    const std::vector<std::string> failures = Replay(s, cache.get(), config, seed);
-    for (const std::string& failure : failures) ADD_FAILURE() << label << ": " << failure;
-    ExpectFileMatches(file.contents(), s.expected, label);
-    const CompressedWriteCache::Stats stats = cache->stats();
-    EXPECT_EQ(stats.pieces, s.pieces_per_cluster) << label;
-    if (!config.enabled) continue;
-    if (geometry.cluster_size >= geometry.alignment) {
-      // One whole write per finished cluster.
-      EXPECT_EQ(stats.clusters_written_whole, s.finished.size()) << label;
-      if (!config.flushes) {
-        // Without intermediate flushes every cluster offset is written exactly once.
-        std::map<uint64_t, int> writes_per_offset;
-        for (const auto& record : file.write_log()) ++writes_per_offset[record.offset];
-        for (const auto& [offset, count] : writes_per_offset) {
-          EXPECT_EQ(count, 1) << label << ": cluster " << offset;
+  for (bool background : {true, false})
+    for (const RunConfig& config : configs) {
+      ++seed;
+      const Scenario s =
+          MakeScenario(geometry.cluster_size, DataClustersFor(geometry.cluster_size), seed);
+      const std::string label =
+          "cluster " + std::to_string(geometry.cluster_size) + " alignment " +
+          std::to_string(geometry.alignment) + " threads " + std::to_string(config.threads) +
+          " max " + std::to_string(config.max_clusters) + " seed " + std::to_string(seed) +
+          (background ? " writer thread" : " inline writes");
+      MemoryFile file(geometry.alignment, /*direct=*/true);
+      file.SetContents(s.initial);
+      Options options;
+      options.background_writer = background;
+      options.enabled = config.enabled;
+      options.max_clusters = config.max_clusters;
+      auto cache = CompressedWriteCache::Create(&file, geometry.cluster_size, options);
+      const std::vector<std::string> failures = Replay(s, cache.get(), config, seed);
+      for (const std::string& failure : failures) ADD_FAILURE() << label << ": " << failure;
+      ExpectFileMatches(file.contents(), s.expected, label);
+      const CompressedWriteCache::Stats stats = cache->stats();
+      EXPECT_EQ(stats.pieces, s.pieces_per_cluster) << label;
+      if (!config.enabled) continue;
+      if (geometry.cluster_size >= geometry.alignment) {
+        // One whole write per finished cluster.
+        EXPECT_EQ(stats.clusters_written_whole, s.finished.size()) << label;
+        if (!config.flushes) {
+          // Without intermediate flushes no byte is written twice, and each write holds
+          // one cluster or several back to back (joined by a batch), starting at a cluster.
+          std::vector<MemoryFile::WriteRecord> log = file.write_log();
+          std::sort(log.begin(), log.end(),
+                    [](const auto& a, const auto& b) { return a.offset < b.offset; });
+          for (size_t i = 0; i < log.size(); ++i) {
+            EXPECT_EQ(log[i].offset % geometry.cluster_size, 0u) << label;
+            if (i > 0) {
+              EXPECT_LE(log[i - 1].offset + log[i - 1].length, log[i].offset)
+                  << label << ": clusters at " << log[i - 1].offset << " written twice";
+            }
+          }
+          EXPECT_LE(file.writes(), stats.clusters_written_whole + stats.clusters_written_partial)
+              << label;
+          if (!background) {
+            EXPECT_EQ(file.writes(), stats.clusters_written_whole + stats.clusters_written_partial)
+                << label;
+          }
         }
-        EXPECT_EQ(file.writes(), stats.clusters_written_whole + stats.clusters_written_partial)
+      }
+      if (config.delivery == Delivery::kPerThreadInOrder) {
+        // The bound: max_clusters plus one per writer (admitted below every cached cluster),
+        // plus cluster ends that created entries.
+        EXPECT_LE(stats.peak_clusters, config.max_clusters + config.threads + s.finished.size())
             << label;
       }
     }
-    if (config.delivery == Delivery::kPerThreadInOrder) {
-      // The bound: max_clusters plus one per writer (admitted below every cached cluster),
-      // plus cluster ends that created entries.
-      EXPECT_LE(stats.peak_clusters, config.max_clusters + config.threads + s.finished.size())
-          << label;
-    }
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Geometries, CachePropertyTest,
@@ -502,7 +522,7 @@ TEST(CompressedWriteCacheTest, RandomReplayWithFailedWriteEndsWithStickyError) {
 TEST(CompressedWriteCacheTest, BufferedFileGetsExactLengths) {
   // Alignment 1: a finished cluster is written up to its data end, no padding.
   MemoryFile file(1, /*direct=*/false);
-  auto cache = CompressedWriteCache::Create(&file, 4096, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 4096, Inline());
   const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 1000, 1);
   ASSERT_TRUE(cache->Write(4096 + 600, std::span(data).subspan(600)).ok());
   ASSERT_TRUE(cache->Write(4096, std::span(data).first(600)).ok());
@@ -518,7 +538,7 @@ TEST(CompressedWriteCacheTest, BufferedFileGetsExactLengths) {
 
 TEST(CompressedWriteCacheTest, ClusterEndBeforePiecesFinishesOnLastPiece) {
   MemoryFile file(512, /*direct=*/true);
-  auto cache = CompressedWriteCache::Create(&file, 65536, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 65536, Inline());
   const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 3000, 2);
   ASSERT_TRUE(cache->SetClusterEnd(0, 3000).ok());
   ASSERT_TRUE(cache->Write(1000, std::span(data).subspan(1000)).ok());
@@ -531,7 +551,7 @@ TEST(CompressedWriteCacheTest, ClusterEndBeforePiecesFinishesOnLastPiece) {
 
 TEST(CompressedWriteCacheTest, FlushWritesUnfinishedClusterAndKeepsIt) {
   MemoryFile file(4096, /*direct=*/true);
-  auto cache = CompressedWriteCache::Create(&file, 65536, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 65536, Inline());
   const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 9000, 3);
   ASSERT_TRUE(cache->Write(65536, std::span(data).first(5000)).ok());
   ASSERT_TRUE(cache->Flush().ok());
@@ -571,7 +591,7 @@ TEST(CompressedWriteCacheTest, PieceBeyondClusterEndIsRejected) {
 
 TEST(CompressedWriteCacheTest, DropPageCacheAfterEachClusterWrite) {
   MemoryFile file(512, /*direct=*/false);
-  Options options;
+  Options options = Inline();
   options.drop_page_cache = true;
   auto cache = CompressedWriteCache::Create(&file, 4096, options);
   const std::vector<uint8_t> data(8192, 9);
@@ -585,7 +605,7 @@ TEST(CompressedWriteCacheTest, OneWorkerYoungestFirstMakesProgress) {
   Watchdog watchdog("youngest-first, one worker");
   constexpr uint32_t kCluster = 4096;
   MemoryFile file(512, /*direct=*/true);
-  Options options;
+  Options options = Inline();
   options.max_clusters = 1;
   auto cache = CompressedWriteCache::Create(&file, kCluster, options);
   const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 3 * kCluster, 4);
@@ -639,6 +659,7 @@ TEST(CompressedWriteCacheTest, ThreeThreadsYoungestFirstMakeProgress) {
   }
   for (std::thread& thread : threads) thread.join();
   EXPECT_EQ(failures.load(), 0);
+  ASSERT_TRUE(cache->Flush().ok());  // the writer thread may still be writing
   EXPECT_EQ(file.contents(), data);
   EXPECT_EQ(cache->stats().clusters_written_whole, 3u);
 }
@@ -665,12 +686,13 @@ TEST(CompressedWriteCacheTest, FullCacheMakesHigherClusterWait) {
   ASSERT_TRUE(cache->Write(100, all.subspan(100, kCluster - 100)).ok());
   writer.join();
   EXPECT_TRUE(done.load());
+  ASSERT_TRUE(cache->Flush().ok());
   EXPECT_EQ(file.contents(), data);
 }
 
 TEST(CompressedWriteCacheTest, WriteErrorSurfacesAtTheWriterAndIsSticky) {
   MemoryFile file(512, /*direct=*/true);
-  auto cache = CompressedWriteCache::Create(&file, 4096, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 4096, Inline());
   const std::vector<uint8_t> data(4096 * 4, 1);
   const std::span<const uint8_t> all(data);
   ASSERT_TRUE(cache->Write(0, all.first(4096)).ok());
@@ -705,7 +727,7 @@ TEST(CompressedWriteCacheTest, WaitingWriterIsWokenWithTheError) {
   Watchdog watchdog("error wakes waiters");
   constexpr uint32_t kCluster = 4096;
   MemoryFile file(512, /*direct=*/true);
-  Options options;
+  Options options = Inline();
   options.max_clusters = 1;
   auto cache = CompressedWriteCache::Create(&file, kCluster, options);
   const std::vector<uint8_t> data(2 * kCluster, 8);
@@ -722,7 +744,7 @@ TEST(CompressedWriteCacheTest, WaitingWriterIsWokenWithTheError) {
 
 TEST(CompressedWriteCacheTest, DiscardDropsWithoutWriting) {
   MemoryFile file(512, /*direct=*/true);
-  auto cache = CompressedWriteCache::Create(&file, 4096, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 4096, Inline());
   const std::vector<uint8_t> data(1000, 4);
   ASSERT_TRUE(cache->Write(4096, data).ok());
   cache->Discard(4096);
@@ -778,13 +800,144 @@ TEST(CompressedWriteCacheTest, InFlightClusterIsReadableAndDiscardWaits) {
   EXPECT_EQ(file.contents(), data);
 }
 
+// Holds the file's writes at one offset until opened; counts how many were held.
+class WriteGate {
+ public:
+  explicit WriteGate(uint64_t offset) : offset_(offset) {}
+  void Hold(uint64_t offset) {
+    if (offset != offset_) return;
+    std::unique_lock lock(mutex_);
+    entered_ = true;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return open_; });
+  }
+  void WaitEntered() {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return entered_; });
+  }
+  void Open() {
+    {
+      std::lock_guard lock(mutex_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  const uint64_t offset_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool entered_ = false;
+  bool open_ = false;
+};
+
+// The writer thread writes finished clusters while the callers go on: a caller never waits
+// for the disk, and clusters that finish while a write is in flight go out together in the
+// next batch.
+TEST(CompressedWriteCacheTest, WriterThreadBatchesClustersThatFinishMeanwhile) {
+  Watchdog watchdog("writer thread batches");
+  constexpr uint32_t kCluster = 4096;
+  constexpr int kClusters = 6;
+  MemoryFile file(512, /*direct=*/true);
+  WriteGate gate(0);
+  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  auto cache = CompressedWriteCache::Create(&file, kCluster, Options{});
+  const std::vector<uint8_t> data =
+      testing::MakeData(testing::DataKind::kRandom, kClusters * kCluster, 10);
+  const std::span<const uint8_t> all(data);
+  ASSERT_TRUE(cache->Write(0, all.first(kCluster)).ok());
+  gate.WaitEntered();  // the writer thread holds cluster 0 in flight
+  for (int cluster = 1; cluster < kClusters; ++cluster) {
+    ASSERT_TRUE(cache->Write(cluster * kCluster, all.subspan(cluster * kCluster, kCluster)).ok());
+  }
+  EXPECT_EQ(file.writes(), 0u);  // nobody but the held writer thread wrote
+  std::vector<uint8_t> back(kCluster);
+  ASSERT_TRUE(cache->Read(3 * kCluster, back).ok());  // queued clusters are readable
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), data.begin() + 3 * kCluster));
+  gate.Open();
+  ASSERT_TRUE(cache->Flush().ok());
+  EXPECT_EQ(file.contents(), data);
+  const auto stats = cache->stats();
+  EXPECT_EQ(stats.clusters_written_whole, uint64_t{kClusters});
+  EXPECT_EQ(stats.write_batches, 2u);
+  // The clusters queued meanwhile are back to back: one write.
+  const std::vector<MemoryFile::WriteRecord> log = file.write_log();
+  ASSERT_EQ(log.size(), 2u);
+  EXPECT_EQ(log[0].offset, 0u);
+  EXPECT_EQ(log[0].length, kCluster);
+  EXPECT_EQ(log[1].offset, kCluster);
+  EXPECT_EQ(log[1].length, (kClusters - 1) * kCluster);
+}
+
+// A writer that finds the cache full while the writer thread is busy writes the finished
+// clusters that wait itself, instead of waiting.
+TEST(CompressedWriteCacheTest, WriterFindingTheCacheFullWritesFinishedClustersItself) {
+  Watchdog watchdog("full cache helps");
+  constexpr uint32_t kCluster = 4096;
+  MemoryFile file(512, /*direct=*/true);
+  WriteGate gate(0);
+  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  Options options;
+  options.max_clusters = 2;
+  auto cache = CompressedWriteCache::Create(&file, kCluster, options);
+  const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 3 * kCluster, 11);
+  const std::span<const uint8_t> all(data);
+  ASSERT_TRUE(cache->Write(0, all.first(kCluster)).ok());
+  gate.WaitEntered();
+  ASSERT_TRUE(cache->Write(kCluster, all.subspan(kCluster, kCluster)).ok());  // finished, queued
+  // Full (cluster 0 in flight, cluster 1 queued) and cluster 2 lies above both.
+  ASSERT_TRUE(cache->Write(2 * kCluster, all.subspan(2 * kCluster, 100)).ok());
+  EXPECT_EQ(file.writes(), 1u);  // cluster 1, written by this thread
+  EXPECT_EQ(cache->stats().waits, 0u);
+  gate.Open();
+  ASSERT_TRUE(
+      cache->Write(2 * kCluster + 100, all.subspan(2 * kCluster + 100, kCluster - 100)).ok());
+  ASSERT_TRUE(cache->Flush().ok());
+  EXPECT_EQ(file.contents(), data);
+}
+
+// A failed write of the writer thread reaches the next call, Flush at the latest, and stays.
+TEST(CompressedWriteCacheTest, WriterThreadErrorIsReportedByTheNextCallAndIsSticky) {
+  MemoryFile file(512, /*direct=*/true);
+  auto cache = CompressedWriteCache::Create(&file, 4096, Options{});
+  const std::vector<uint8_t> data(4096 * 2, 1);
+  file.FailWrite(1);
+  ASSERT_TRUE(cache->Write(0, std::span(data).first(4096)).ok());  // queued, not yet written
+  const Status status = cache->Flush();
+  EXPECT_EQ(status.error_number(), EIO) << status.ToString();
+  EXPECT_NE(status.message().find(file.path()), std::string::npos) << status.message();
+  EXPECT_EQ(cache->Write(4096, std::span(data).first(10)).message(), status.message());
+  EXPECT_EQ(cache->Flush().message(), status.message());
+  EXPECT_EQ(cache->error().message(), status.message());
+}
+
+// Discard of a cluster that waits for the writer thread: its bytes never reach the file.
+TEST(CompressedWriteCacheTest, DiscardOfQueuedClusterDropsIt) {
+  Watchdog watchdog("discard queued");
+  constexpr uint32_t kCluster = 4096;
+  MemoryFile file(512, /*direct=*/true);
+  WriteGate gate(0);
+  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  auto cache = CompressedWriteCache::Create(&file, kCluster, Options{});
+  const std::vector<uint8_t> data(2 * kCluster, 0x5A);
+  ASSERT_TRUE(cache->Write(0, std::span(data).first(kCluster)).ok());
+  gate.WaitEntered();
+  ASSERT_TRUE(cache->Write(kCluster, std::span(data).first(kCluster)).ok());  // queued
+  cache->Discard(kCluster);
+  gate.Open();
+  ASSERT_TRUE(cache->Flush().ok());
+  const std::vector<uint8_t> contents = file.contents();
+  ASSERT_EQ(contents.size(), kCluster);  // cluster 1 was never written
+  EXPECT_EQ(file.writes(), 1u);
+}
+
 // Cluster smaller than the alignment: the block's other clusters (metadata) are kept.
 TEST(CompressedWriteCacheTest, SmallClustersKeepNeighbouringBytesOfTheBlock) {
   MemoryFile file(4096, /*direct=*/true);
   std::vector<uint8_t> initial(8192, 0);
   std::fill_n(initial.begin(), 1024, 0xEE);  // clusters 0 and 1: metadata
   file.SetContents(initial);
-  auto cache = CompressedWriteCache::Create(&file, 512, Options{});
+  auto cache = CompressedWriteCache::Create(&file, 512, Inline());
   const std::vector<uint8_t> data(700, 0x11);
   ASSERT_TRUE(cache->Write(1024, data).ok());  // clusters 2 and part of 3
   ASSERT_TRUE(cache->SetClusterEnd(1536, 700 - 512).ok());
