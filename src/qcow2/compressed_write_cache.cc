@@ -85,13 +85,6 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         unit_size_(static_cast<uint32_t>(std::max<size_t>(cluster_size, alignment_))),
         clusters_per_unit_(unit_size_ / cluster_size) {
     if (options_.max_clusters == 0) options_.max_clusters = 1;
-    if (options_.enabled && options_.background_writer) {
-      try {
-        writer_ = std::thread([this] { WriterMain(); });
-      } catch (const std::system_error&) {
-        // No thread to be had: finishing callers write their clusters themselves.
-      }
-    }
   }
 
   ~CompressedWriteCacheImpl() override {
@@ -407,12 +400,26 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       ready_.erase(unit_offset);
       unit->ready = false;
     } else if (!unit->ready && finished) {
-      if (!writer_.joinable()) return WriteFinishedUnit(lock, unit_offset, unit);
+      if (!HaveWriterThread()) return WriteFinishedUnit(lock, unit_offset, unit);
       unit->ready = true;
       ready_.insert(unit_offset);
       work_.notify_one();
     }
     return error_;
+  }
+
+  // REQUIRES: mutex_ held. Starts the writer thread with the first finished cluster (an
+  // image that is only read never has one). False when there is none: the option is off,
+  // or no thread could be started (then finishing callers write their clusters).
+  bool HaveWriterThread() {
+    if (!writer_.joinable() && options_.background_writer && !writer_failed_) {
+      try {
+        writer_ = std::thread([this] { WriterMain(); });
+      } catch (const std::system_error&) {
+        writer_failed_ = true;
+      }
+    }
+    return writer_.joinable();
   }
 
   void WriterMain() {
@@ -660,7 +667,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
   std::mutex read_modify_write_mutex_;  // disabled mode on an O_DIRECT file
   std::mutex join_buffers_mutex_;
   std::vector<io::AlignedBuffer> join_buffers_;  // guarded by join_buffers_mutex_
-  std::thread writer_;  // the background writer; not joinable when there is none
+  std::thread writer_;          // the writer thread; guarded by mutex_ until joined
+  bool writer_failed_ = false;  // guarded by mutex_
 };
 
 }  // namespace
