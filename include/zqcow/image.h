@@ -74,6 +74,12 @@ struct ImageInfo {
   std::string backing_file;  // empty when none
 };
 
+// One guest cluster for Image::WriteCompressedBatch.
+struct CompressedCluster {
+  uint64_t guest_offset = 0;      // cluster-aligned, inside the virtual size
+  std::span<const uint8_t> data;  // as for WriteCompressed: 1 .. cluster size - 1 bytes
+};
+
 struct CheckResult {
   uint64_t corruptions = 0;  // refcount lower than references, overlaps, out-of-file
   uint64_t leaks = 0;        // clusters with a refcount that nothing references
@@ -107,6 +113,18 @@ class Image {
   // (a stream of the image's compression type, shorter than one cluster). The cluster's old
   // content, if any, is released. Many threads may call this at once.
   virtual Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) = 0;
+  // Stores several guest clusters, each exactly as WriteCompressed would, but at the cost of
+  // about one call: the image allocates them together (back to back in the file, in the
+  // order given) and updates its metadata once for all of them. For workers that compress
+  // a run of clusters at a time. An invalid argument (misaligned, beyond the virtual size,
+  // empty or too long data) fails the call as WriteCompressed would; the qcow2 engine checks
+  // them all before it writes anything. Other errors (I/O, no space) may leave some of the
+  // clusters written and fail the image, exactly as a failed WriteCompressed does.
+  // REQUIRES: the guest clusters are distinct (a cluster listed twice ends up with one of its
+  // contents; harmless, but pointless). The data need not stay valid after the call.
+  // Many threads may call this at once. An empty batch does nothing and returns OK.
+  // The default implementation calls WriteCompressed for each cluster in turn.
+  virtual Status WriteCompressedBatch(std::span<const CompressedCluster> clusters);
   // Makes the range read as zeros: whole clusters become zero clusters (v3) or unallocated
   // (v2), their host clusters are released; partial clusters are written with zeros.
   virtual Status WriteZeroes(uint64_t guest_offset, uint64_t length) = 0;

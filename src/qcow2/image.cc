@@ -1,7 +1,8 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
 // The public entry points Image::Create / Image::Open: open the file with the requested
-// I/O mode and hand it to the engine (qcow2_create.cc / qcow2_open.cc).
+// I/O mode and hand it to the engine (qcow2_create.cc / qcow2_open.cc). Also the default
+// Image::WriteCompressedBatch (one WriteCompressed per cluster) for other implementations.
 
 #include "zqcow/image.h"
 
@@ -60,6 +61,13 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   auto image = qcow2::CreateImageOnFile(std::move(file), options, io);
   if (!image.ok()) ::unlink(path.c_str());
   return image;
+}
+
+Status Image::WriteCompressedBatch(std::span<const CompressedCluster> clusters) {
+  for (const CompressedCluster& cluster : clusters) {
+    ZQ_RETURN_IF_ERROR(WriteCompressed(cluster.guest_offset, cluster.data));
+  }
+  return Status::OK();
 }
 
 Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOptions& options) {

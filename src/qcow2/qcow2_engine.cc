@@ -330,38 +330,94 @@ Status Qcow2Image::Write(uint64_t guest_offset, std::span<const uint8_t> data) {
   return Status::OK();
 }
 
-Status Qcow2Image::WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) {
-  ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, 1));
-  if (geometry_.offset_in_cluster(guest_offset) != 0) {
-    return Error("compressed write at guest offset " + std::to_string(guest_offset) +
+Status Qcow2Image::CheckCompressedCluster(const CompressedCluster& cluster) const {
+  ZQ_RETURN_IF_ERROR(CheckRange(cluster.guest_offset, 1));
+  if (geometry_.offset_in_cluster(cluster.guest_offset) != 0) {
+    return Error("compressed write at guest offset " + std::to_string(cluster.guest_offset) +
                  " is not cluster aligned");
   }
-  if (compressed.empty() || compressed.size() >= cluster_size_) {
-    return Error("compressed cluster of " + std::to_string(compressed.size()) +
+  if (cluster.data.empty() || cluster.data.size() >= cluster_size_) {
+    return Error("compressed cluster of " + std::to_string(cluster.data.size()) +
                  " bytes (must be 1 .. cluster size - 1)");
   }
-  GuestCluster cluster(guest_offset >> geometry_.cluster_bits);
-  HostOffset host;
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) {
+  const CompressedCluster cluster{guest_offset, compressed};
+  return WriteCompressedBatch({&cluster, 1});
+}
+
+Status Qcow2Image::WriteCompressedBatch(std::span<const CompressedCluster> clusters) {
+  for (const CompressedCluster& cluster : clusters) {
+    ZQ_RETURN_IF_ERROR(CheckCompressedCluster(cluster));
+  }
+  if (clusters.empty()) return Status::OK();
+  auto guest_cluster = [&](const CompressedCluster& cluster) {
+    return GuestCluster(cluster.guest_offset >> geometry_.cluster_bits);
+  };
+  // Per-thread scratch: workers call this batch after batch.
+  thread_local std::vector<HostOffset> hosts;
+  hosts.resize(clusters.size());
   {
     std::lock_guard lock(mutex_);
     ZQ_RETURN_IF_ERROR(CheckWritableLocked());
-    // The L2 table first, so its allocation cannot land between two compressed pieces.
-    Status s = cluster_map_->EnsureL2(cluster, refcounts_.get());
-    if (!s.ok()) return FailLocked(s);
-    auto allocated = allocator_->Allocate(compressed.size());
-    if (!allocated.ok()) return FailLocked(allocated.status());
-    host = *allocated;
+    // Every L2 table first, so no table allocation lands between two compressed pieces and
+    // the batch's data is allocated back to back.
+    for (const CompressedCluster& cluster : clusters) {
+      Status s = cluster_map_->EnsureL2(guest_cluster(cluster), refcounts_.get());
+      if (!s.ok()) return FailLocked(s);
+    }
+    for (size_t i = 0; i < clusters.size(); ++i) {
+      auto allocated = allocator_->Allocate(clusters[i].data.size());
+      if (!allocated.ok()) return FailLocked(allocated.status());
+      hosts[i] = *allocated;
+    }
   }
-  // The data reaches the cache before the L2 entry points at it.
-  Status s = write_cache_->Write(host.value(), compressed);
+  // The data reaches the cache before any L2 entry points at it.
+  Status s = WriteCompressedRuns(clusters, hosts);
   if (!s.ok()) return Fail(s);
 
   std::lock_guard lock(mutex_);
   ZQ_RETURN_IF_ERROR(CheckWritableLocked());
-  s = ReplaceEntryLocked(cluster,
-                         format::EncodeCompressedL2Entry(host, compressed.size(), geometry_));
+  for (size_t i = 0; i < clusters.size() && s.ok(); ++i) {
+    s = ReplaceEntryLocked(
+        guest_cluster(clusters[i]),
+        format::EncodeCompressedL2Entry(hosts[i], clusters[i].data.size(), geometry_));
+  }
   if (s.ok()) s = MaybeFlushLocked();
   return FailLocked(s);
+}
+
+Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> clusters,
+                                       std::span<const HostOffset> hosts) {
+  // Per-thread scratch for runs whose pieces are not adjacent in memory.
+  thread_local std::vector<uint8_t> staging;
+  size_t first = 0;
+  while (first < clusters.size()) {
+    // The longest run [first, end) whose pieces lie back to back in the file.
+    uint64_t run_end = hosts[first].value() + clusters[first].data.size();
+    bool adjacent_in_memory = true;
+    size_t end = first + 1;
+    for (; end < clusters.size() && hosts[end].value() == run_end; ++end) {
+      const std::span<const uint8_t>& previous = clusters[end - 1].data;
+      adjacent_in_memory =
+          adjacent_in_memory && clusters[end].data.data() == previous.data() + previous.size();
+      run_end += clusters[end].data.size();
+    }
+    const uint64_t run_bytes = run_end - hosts[first].value();
+    std::span<const uint8_t> run(clusters[first].data.data(), run_bytes);
+    if (!adjacent_in_memory) {
+      staging.clear();
+      for (size_t i = first; i < end; ++i) {
+        staging.insert(staging.end(), clusters[i].data.begin(), clusters[i].data.end());
+      }
+      run = staging;
+    }
+    ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[first].value(), run));
+    first = end;
+  }
+  return Status::OK();
 }
 
 Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw) {

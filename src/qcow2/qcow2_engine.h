@@ -95,6 +95,12 @@ class Qcow2Image final : public Image {
   Status Read(uint64_t guest_offset, std::span<uint8_t> out) override;
   Status Write(uint64_t guest_offset, std::span<const uint8_t> data) override;
   Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) override;
+  // Checks every argument, then one metadata-lock section EnsureL2s and allocates the whole
+  // batch (back to back, in order); the data goes to the write cache as one Write per run of
+  // pieces adjacent in the file (each thread's pieces in allocation order, as the cache
+  // requires); then one lock section sets every L2 entry (and flushes if a bound is
+  // exceeded). WriteCompressed is a batch of one.
+  Status WriteCompressedBatch(std::span<const CompressedCluster> clusters) override;
   Status WriteZeroes(uint64_t guest_offset, uint64_t length) override;
   Status Discard(uint64_t guest_offset, uint64_t length) override;
   Result<std::vector<MapExtent>> Map(uint64_t guest_offset, uint64_t length) override;
@@ -114,6 +120,13 @@ class Qcow2Image final : public Image {
   // metadata lock, and two at once would each write back the other's old bytes.
   Status WriteOneCluster(format::GuestCluster cluster, uint64_t in_cluster,
                          std::span<const uint8_t> data);
+  // Argument checks of WriteCompressed / WriteCompressedBatch.
+  Status CheckCompressedCluster(const CompressedCluster& cluster) const;
+  // Hands the pieces (clusters[i].data at hosts[i]) to the write cache: one Write per run of
+  // pieces that are back to back in the file (copied together first unless they are also
+  // back to back in memory). No lock held.
+  Status WriteCompressedRuns(std::span<const CompressedCluster> clusters,
+                             std::span<const format::HostOffset> hosts);
   class ClusterWriteGuard;
   // Sets the L2 entry of `cluster` to `raw` and releases what the old entry referenced.
   Status ReplaceEntryLocked(format::GuestCluster cluster, uint64_t raw);
