@@ -27,8 +27,15 @@ class ZstdCompressor final : public Compressor {
   Status Init(int level) {
     context_ = ZSTD_createCCtx();
     if (context_ == nullptr) return Status::IOError("zstd: cannot allocate a compression context");
-    const size_t ret = ZSTD_CCtx_setParameter(context_, ZSTD_c_compressionLevel, level);
+    size_t ret = ZSTD_CCtx_setParameter(context_, ZSTD_c_compressionLevel, level);
     if (ZSTD_isError(ret)) return Status::InvalidArgument(ZstdError("compression level", ret));
+    if (level != kZstdTunedLevel) return Status::OK();
+    // See codec.h: level 3 keeps zstd's large-input table sizes on small clusters. zstd
+    // still clamps them to the input's size (hashLog <= log2(input) + 1).
+    ret = ZSTD_CCtx_setParameter(context_, ZSTD_c_hashLog, kZstdTunedHashLog);
+    if (ZSTD_isError(ret)) return Status::InvalidArgument(ZstdError("hash log", ret));
+    ret = ZSTD_CCtx_setParameter(context_, ZSTD_c_chainLog, kZstdTunedChainLog);
+    if (ZSTD_isError(ret)) return Status::InvalidArgument(ZstdError("chain log", ret));
     return Status::OK();
   }
 
