@@ -26,7 +26,7 @@ using io::AlignUp;
 // Guest bytes per read buffer (more when a cluster or the source's alignment is larger).
 constexpr size_t kChunkBytes = size_t{1} << 20;
 // Chunks read with one ReadBatch (io_uring queue depth for the source).
-constexpr size_t kReadBatchChunks = 4;
+constexpr size_t kReadBatchChunks = 8;
 // Bounds of the buffer pool: at least this much for read-ahead, at most this much however
 // many workers there are. Keeps a default conversion far below 64 MiB of resident memory.
 constexpr size_t kMinPoolBytes = size_t{8} << 20;
@@ -36,16 +36,40 @@ constexpr size_t kMinPoolChunks = 2;
 // sparse source costs a handful of queries, not one per chunk.
 constexpr uint64_t kScanWindowBytes = uint64_t{1} << 30;
 constexpr auto kProgressInterval = std::chrono::milliseconds(100);
+// A worker task is a run of consecutive guest clusters of one chunk: it is compressed into
+// one buffer and written with one Image::WriteCompressedBatch, so the image's locks are
+// taken per run, not per cluster. At most this many guest bytes per run (a run never
+// crosses a chunk either) ...
+constexpr uint64_t kRunBytes = uint64_t{1} << 20;
+// ... and this many clusters (bounds the per-worker bookkeeping for tiny clusters) ...
+constexpr uint64_t kMaxRunClusters = 64;
+// ... and short enough that the buffer pool holds this many runs per worker, so every
+// worker has work while the reader reads ahead.
+constexpr uint64_t kPoolRunsPerWorker = 2;
 
 uint64_t DivUp(uint64_t value, uint64_t divisor) { return (value + divisor - 1) / divisor; }
 
-// One guest cluster for a worker: where its bytes are and its place in guest order.
-struct ClusterTask {
+// A run of consecutive guest clusters for a worker: where their bytes are and the run's
+// place in guest order.
+struct RunTask {
   Chunk* chunk = nullptr;
-  uint32_t cluster_index = 0;  // inside the chunk
-  uint64_t sequence = 0;       // 0, 1, 2, ... over the queued clusters in guest order
-  // The worker reads the cluster from the source (and checks it for zeros) itself.
+  uint32_t first_cluster = 0;  // inside the chunk
+  uint32_t cluster_count = 0;  // clusters [first_cluster, first_cluster + cluster_count)
+  uint64_t sequence = 0;       // 0, 1, 2, ... over the queued runs in guest order
+  // The worker reads the run from the source (and checks its clusters for zeros) itself.
   bool needs_read = false;
+};
+
+// What became of one cluster of a run.
+enum class ClusterOutcome : uint8_t { kZero, kCompressed, kStored };
+
+// A worker's scratch, reused run after run.
+struct WorkerState {
+  codec::Compressor* compressor = nullptr;  // null: store clusters uncompressed
+  std::vector<uint8_t> compressed;          // the run's compressed clusters, back to back
+  std::vector<ClusterOutcome> outcome;      // per cluster of the run
+  std::vector<std::span<const uint8_t>> compressed_cluster;  // kCompressed: its bytes
+  std::vector<CompressedCluster> batch;                      // the next WriteCompressedBatch
 };
 
 // A chunk whose reads are queued in the current batch.
@@ -69,6 +93,8 @@ class Pipeline {
         pool_(PoolChunks(chunk_bytes_, compressors_.size()), chunk_bytes_,
               std::max<size_t>(io::kBufferAlignment, source.read_alignment())),
         batch_limit_(std::max<size_t>(1, std::min(kReadBatchChunks, pool_.count() / 2))),
+        run_clusters_(
+            RunClusters(cluster_size_, pool_.count() * chunk_bytes_, compressors_.size())),
         workers_read_(source.parallel_reads()) {}
 
   Status Run(PipelineTotals* totals);
@@ -79,6 +105,12 @@ class Pipeline {
     const size_t low = std::max(kMinPoolChunks, kMinPoolBytes / chunk_bytes);
     const size_t high = std::max(low, kMaxPoolBytes / chunk_bytes);
     return std::clamp(wanted, low, high);
+  }
+  static uint32_t RunClusters(uint64_t cluster_size, uint64_t pool_bytes, size_t workers) {
+    const uint64_t by_bytes = kRunBytes / cluster_size;
+    const uint64_t by_pool = pool_bytes / cluster_size / (kPoolRunsPerWorker * workers);
+    return static_cast<uint32_t>(
+        std::clamp<uint64_t>(std::min(by_bytes, by_pool), 1, kMaxRunClusters));
   }
 
   // ---- stop / error state ----
@@ -103,12 +135,19 @@ class Pipeline {
 
   // ---- workers ----
   void WorkerMain(size_t worker);
-  Status ProcessCluster(const ClusterTask& task, codec::Compressor* compressor,
-                        std::vector<uint8_t>& compressed);
-  // For needs_read tasks: reads the cluster. Sets *zero when it is all zeros (then
-  // accounted and done: the caller only has to give up its write turn).
-  Status ReadCluster(const ClusterTask& task, bool* zero);
-  void ReleaseCluster(Chunk* chunk);
+  // Compresses the run's clusters, then writes them in one turn: the compressed ones with
+  // WriteCompressedBatch, the others with Write (in guest order when writing in order).
+  Status ProcessRun(const RunTask& task, WorkerState& state);
+  // For needs_read tasks: reads the run with one request and marks its all-zero clusters
+  // kZero (accounted and done).
+  Status ReadRun(const RunTask& task, WorkerState& state);
+  // Writes the run's clusters (the first at guest offset `run_offset`) as `state.outcome`
+  // says. Counts what was written. Touches the chunk only for kStored clusters: once all
+  // clusters are compressed the chunk is released (and may be refilled) before the write.
+  Status WriteRun(const RunTask& task, uint64_t run_offset, WorkerState& state);
+  Status FlushCompressedBatch(WorkerState& state);
+  // A task is done with its chunk; the last one releases it.
+  void ReleaseTask(Chunk* chunk);
   bool BeginWrite(uint64_t sequence) { return options_.out_of_order || gate_.WaitTurn(sequence); }
   void EndWrite() {
     if (!options_.out_of_order) gate_.Advance();
@@ -128,9 +167,10 @@ class Pipeline {
   std::vector<std::unique_ptr<codec::Compressor>> compressors_;
   ChunkPool pool_;
   const size_t batch_limit_;
+  const uint32_t run_clusters_;  // clusters per RunTask at most
   // Workers read clusters themselves (Source::parallel_reads); the reader only plans.
   const bool workers_read_;
-  WorkQueue<ClusterTask> queue_;
+  WorkQueue<RunTask> queue_;
   OrderGate gate_;
 
   // Reader-thread state.
@@ -277,46 +317,68 @@ Status Pipeline::FlushBatch() {
 void Pipeline::DispatchChunk(const PendingChunk& pending) {
   Chunk* chunk = pending.chunk;
   const uint64_t virtual_size = options_.virtual_size;
-  std::vector<ClusterTask> tasks;
+  std::vector<RunTask> tasks;
+  // Appends cluster `cluster_index` to the last run when it continues it, else starts a run.
+  auto add = [&](uint32_t cluster_index) {
+    if (!tasks.empty()) {
+      RunTask& last = tasks.back();
+      if (last.first_cluster + last.cluster_count == cluster_index &&
+          last.cluster_count < run_clusters_) {
+        ++last.cluster_count;
+        return;
+      }
+    }
+    tasks.push_back({chunk, cluster_index, 1, 0, workers_read_});
+  };
   for (const ByteRange& run : pending.runs) {
     for (uint64_t offset = run.offset; offset < run.end() && offset < virtual_size;
          offset += cluster_size_) {
       const uint64_t in_chunk = offset - chunk->guest_offset;
       const auto cluster_index = static_cast<uint32_t>(in_chunk / cluster_size_);
       if (workers_read_) {
-        tasks.push_back({chunk, cluster_index, next_sequence_++, /*needs_read=*/true});
+        add(cluster_index);
         continue;
       }
       uint8_t* data = chunk->buffer.data() + in_chunk;
       const uint64_t valid = std::min(cluster_size_, virtual_size - offset);
       // The last cluster is padded with zeros to a whole cluster.
       if (valid < cluster_size_) std::memset(data + valid, 0, cluster_size_ - valid);
-      if (IsAllZero({data, valid})) {
+      if (IsAllZero({data, valid})) {  // left unallocated; it ends the run
         AccountZero(offset, offset + valid);
         continue;
       }
-      tasks.push_back({chunk, cluster_index, next_sequence_++, /*needs_read=*/false});
+      add(cluster_index);
     }
   }
   if (tasks.empty()) {
     pool_.Release(chunk);
     return;
   }
+  // The chunk's pending count is its number of tasks (runs), each releasing it once.
   chunk->pending_clusters.store(static_cast<uint32_t>(tasks.size()), std::memory_order_relaxed);
-  for (const ClusterTask& task : tasks) queue_.Push(task);
+  for (RunTask& task : tasks) {
+    task.sequence = next_sequence_++;
+    queue_.Push(task);
+  }
 }
 
 void Pipeline::WorkerMain(size_t worker) {
-  codec::Compressor* compressor = compressors_[worker].get();
-  std::vector<uint8_t> compressed(compressor != nullptr ? cluster_size_ - 1 : 0);
-  while (std::optional<ClusterTask> task = queue_.Pop()) {
-    // Checked per cluster too (not only by the reader and the coordinator), so a cancel
-    // stops the conversion within a cluster or so even when everything is already read.
+  WorkerState state;
+  state.compressor = compressors_[worker].get();
+  if (state.compressor != nullptr) state.compressed.resize(run_clusters_ * (cluster_size_ - 1));
+  state.outcome.resize(run_clusters_);
+  state.compressed_cluster.resize(run_clusters_);
+  state.batch.reserve(run_clusters_);
+  while (std::optional<RunTask> task = queue_.Pop()) {
+    // Checked per run too (and per cluster inside it), not only by the reader and the
+    // coordinator, so a cancel stops the conversion within a cluster or so even when
+    // everything is already read.
     if (CancelRequested()) {
+      ReleaseTask(task->chunk);
       Fail(InterruptedStatus());
       break;
     }
-    Status status = ProcessCluster(*task, compressor, compressed);
+    Status status = ProcessRun(*task, state);
     if (!status.ok()) {
       Fail(std::move(status));
       break;
@@ -325,76 +387,129 @@ void Pipeline::WorkerMain(size_t worker) {
   ThreadExited();
 }
 
-Status Pipeline::ProcessCluster(const ClusterTask& task, codec::Compressor* compressor,
-                                std::vector<uint8_t>& compressed) {
+Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
   Chunk* chunk = task.chunk;
-  const uint64_t in_chunk = uint64_t{task.cluster_index} * cluster_size_;
-  const uint64_t guest_offset = chunk->guest_offset + in_chunk;
-  const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
-  std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
-
+  // Read before the chunk may be released (and reused for other guest data).
+  const uint64_t run_offset = chunk->guest_offset + uint64_t{task.first_cluster} * cluster_size_;
+  std::fill_n(state.outcome.begin(), task.cluster_count, ClusterOutcome::kStored);
   if (task.needs_read) {
-    bool zero = false;
-    Status read = ReadCluster(task, &zero);
-    if (!read.ok() || zero) {
-      ReleaseCluster(chunk);
-      // Nothing to write, but the turn must pass so later clusters can go.
-      if (read.ok() && BeginWrite(task.sequence)) EndWrite();
+    Status read = ReadRun(task, state);
+    if (!read.ok()) {
+      ReleaseTask(chunk);
       return read;
     }
   }
 
-  if (compressor != nullptr) {
-    Result<size_t> size = compressor->Compress(cluster, compressed);
+  bool source_needed = false;  // a cluster is stored as is: its bytes must stay until written
+  size_t used = 0;             // bytes of state.compressed filled
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    if (state.outcome[i] == ClusterOutcome::kZero) continue;
+    if (state.compressor == nullptr) {
+      source_needed = true;
+      continue;
+    }
+    if (i > 0 && CancelRequested()) {
+      ReleaseTask(chunk);
+      return InterruptedStatus();
+    }
+    const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
+    std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
+    std::span<uint8_t> out(state.compressed.data() + used, cluster_size_ - 1);
+    Result<size_t> size = state.compressor->Compress(cluster, out);
     if (!size.ok()) {
-      ReleaseCluster(chunk);
+      ReleaseTask(chunk);
       return size.status().WithPrefix(options_.target_path + ": compressing guest offset " +
-                                      std::to_string(guest_offset));
+                                      std::to_string(chunk->guest_offset + in_chunk));
     }
-    if (*size > 0) {
-      ReleaseCluster(chunk);                                // the source bytes are no longer needed
-      if (!BeginWrite(task.sequence)) return Status::OK();  // stopped
-      Status status = image_.WriteCompressed(guest_offset, {compressed.data(), *size});
-      EndWrite();
-      ZQ_RETURN_IF_ERROR(status);
-      clusters_compressed_.fetch_add(1, std::memory_order_relaxed);
-      compressed_bytes_.fetch_add(*size, std::memory_order_relaxed);
-      bytes_done_.fetch_add(valid, std::memory_order_relaxed);
-      return Status::OK();
+    if (*size == 0) {  // did not fit below one cluster: stored as is
+      source_needed = true;
+      continue;
     }
+    state.outcome[i] = ClusterOutcome::kCompressed;
+    state.compressed_cluster[i] = out.first(*size);
+    used += *size;
   }
-  // Stored as is: no compression asked, or it did not fit below one cluster.
-  if (!BeginWrite(task.sequence)) {
-    ReleaseCluster(chunk);
+  if (!source_needed) ReleaseTask(chunk);  // the source bytes are no longer needed
+
+  if (!BeginWrite(task.sequence)) {  // stopped
+    if (source_needed) ReleaseTask(chunk);
     return Status::OK();
   }
-  Status status = image_.Write(guest_offset, cluster.first(valid));
+  // Once more before writing: a run is many clusters, and a cancel that came while it was
+  // compressed (or waited for its turn) should not write them all.
+  Status status = CancelRequested() ? InterruptedStatus() : WriteRun(task, run_offset, state);
   EndWrite();
-  ReleaseCluster(chunk);
-  ZQ_RETURN_IF_ERROR(status);
-  clusters_uncompressed_.fetch_add(1, std::memory_order_relaxed);
-  bytes_done_.fetch_add(valid, std::memory_order_relaxed);
-  return Status::OK();
+  if (source_needed) ReleaseTask(chunk);
+  return status;
 }
 
-Status Pipeline::ReadCluster(const ClusterTask& task, bool* zero) {
-  const uint64_t in_chunk = uint64_t{task.cluster_index} * cluster_size_;
+Status Pipeline::ReadRun(const RunTask& task, WorkerState& state) {
+  const uint64_t in_chunk = uint64_t{task.first_cluster} * cluster_size_;
   const uint64_t guest_offset = task.chunk->guest_offset + in_chunk;
-  const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
+  const uint64_t length = uint64_t{task.cluster_count} * cluster_size_;
   uint8_t* data = task.chunk->buffer.data() + in_chunk;
-  const io::IoRequest request{guest_offset, data, cluster_size_};
+  const io::IoRequest request{guest_offset, data, length};
   ZQ_RETURN_IF_ERROR(source_.Read({&request, 1}));
   if (guest_offset < source_.size()) {
-    bytes_read_.fetch_add(std::min(cluster_size_, source_.size() - guest_offset),
+    bytes_read_.fetch_add(std::min(length, source_.size() - guest_offset),
                           std::memory_order_relaxed);
   }
-  if (valid < cluster_size_) std::memset(data + valid, 0, cluster_size_ - valid);
-  *zero = IsAllZero({data, valid});
-  if (*zero) AccountZero(guest_offset, guest_offset + valid);
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    const uint64_t offset = guest_offset + uint64_t{i} * cluster_size_;
+    const uint64_t valid = std::min(cluster_size_, options_.virtual_size - offset);
+    uint8_t* cluster = data + uint64_t{i} * cluster_size_;
+    if (valid < cluster_size_) std::memset(cluster + valid, 0, cluster_size_ - valid);
+    if (IsAllZero({cluster, valid})) {
+      AccountZero(offset, offset + valid);
+      state.outcome[i] = ClusterOutcome::kZero;
+    }
+  }
   return Status::OK();
 }
 
-void Pipeline::ReleaseCluster(Chunk* chunk) {
+Status Pipeline::WriteRun(const RunTask& task, uint64_t run_offset, WorkerState& state) {
+  const Chunk* chunk = task.chunk;
+  state.batch.clear();
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    const uint64_t guest_offset = run_offset + uint64_t{i} * cluster_size_;
+    switch (state.outcome[i]) {
+      case ClusterOutcome::kZero:
+        break;
+      case ClusterOutcome::kCompressed:
+        state.batch.push_back({guest_offset, state.compressed_cluster[i]});
+        break;
+      case ClusterOutcome::kStored: {
+        // In order: the compressed clusters before this one go first.
+        if (!options_.out_of_order) ZQ_RETURN_IF_ERROR(FlushCompressedBatch(state));
+        const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
+        const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
+        ZQ_RETURN_IF_ERROR(image_.Write(guest_offset, {chunk->buffer.data() + in_chunk, valid}));
+        clusters_uncompressed_.fetch_add(1, std::memory_order_relaxed);
+        bytes_done_.fetch_add(valid, std::memory_order_relaxed);
+        break;
+      }
+    }
+  }
+  return FlushCompressedBatch(state);
+}
+
+Status Pipeline::FlushCompressedBatch(WorkerState& state) {
+  if (state.batch.empty()) return Status::OK();
+  ZQ_RETURN_IF_ERROR(image_.WriteCompressedBatch(state.batch));
+  uint64_t bytes = 0;
+  uint64_t guest_bytes = 0;
+  for (const CompressedCluster& cluster : state.batch) {
+    bytes += cluster.data.size();
+    guest_bytes += std::min(cluster_size_, options_.virtual_size - cluster.guest_offset);
+  }
+  clusters_compressed_.fetch_add(state.batch.size(), std::memory_order_relaxed);
+  compressed_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  bytes_done_.fetch_add(guest_bytes, std::memory_order_relaxed);
+  state.batch.clear();
+  return Status::OK();
+}
+
+void Pipeline::ReleaseTask(Chunk* chunk) {
   if (chunk->pending_clusters.fetch_sub(1, std::memory_order_acq_rel) == 1) pool_.Release(chunk);
 }
 
@@ -442,8 +557,8 @@ Status Pipeline::Run(PipelineTotals* totals) {
     const auto checkpoint_every = std::chrono::duration_cast<Clock::duration>(
         std::chrono::duration<double>(options_.checkpoint_seconds));
     const bool checkpoints = options_.checkpoint_seconds > 0;
-    const auto tick =
-        checkpoints ? std::min<Clock::duration>(kProgressInterval, checkpoint_every) : kProgressInterval;
+    const auto tick = checkpoints ? std::min<Clock::duration>(kProgressInterval, checkpoint_every)
+                                  : kProgressInterval;
     auto last_checkpoint = Clock::now();
     std::unique_lock lock(live_mutex_);
     while (!live_changed_.wait_for(lock, tick, [this] { return live_threads_ == 0; })) {

@@ -5,12 +5,16 @@
 //   reader   asks the source which ranges hold data (holes, unallocated and zero ranges
 //            are skipped unread), reads several chunks per batch into pooled aligned
 //            buffers, splits them into guest clusters, drops all-zero clusters (left
-//            unallocated), queues the rest with sequence numbers in guest order.
+//            unallocated), queues the rest as runs of consecutive clusters (a few per
+//            chunk, bounded so every worker has some) with sequence numbers in guest order.
 //            (A source with parallel_reads(), i.e. qcow2, is read by the workers
-//            instead, one cluster each, so decompression runs in parallel too.)
-//   workers  each own a Compressor; compress a cluster into cluster_size - 1 bytes and
-//            WriteCompressed it, or Write it as is when it did not fit (or without
-//            compression). With in-order writing the writes pass an OrderGate.
+//            instead, one run each, so decompression runs in parallel too.)
+//   workers  each own a Compressor; compress a run's clusters back to back into one buffer
+//            (each into at most cluster_size - 1 bytes) and hand the compressed ones to the
+//            image with one WriteCompressedBatch (one lock round trip per run, not per
+//            cluster), and Write the ones that did not fit (or all, without compression).
+//            With in-order writing a run's writes pass an OrderGate in one turn, in guest
+//            order (the batch is split around clusters written as is).
 //   caller   (the coordinating thread) reports progress every ~100 ms, watches the cancel
 //            flag, joins everything.
 //

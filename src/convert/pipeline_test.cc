@@ -8,11 +8,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "codec/codec.h"
@@ -100,6 +103,17 @@ class FakeImage final : public Image {
     EXPECT_LT(compressed.size(), kClusterSize);
     return Record(guest_offset, std::move(cluster), true);
   }
+  // Records which clusters came together, then stores them one by one.
+  Status WriteCompressedBatch(std::span<const CompressedCluster> clusters) override {
+    {
+      std::lock_guard lock(mutex_);
+      std::vector<uint64_t> offsets;
+      for (const CompressedCluster& cluster : clusters) offsets.push_back(cluster.guest_offset);
+      batches_.push_back(std::move(offsets));
+    }
+    if (batch_delay_.count() > 0) std::this_thread::sleep_for(batch_delay_);
+    return Image::WriteCompressedBatch(clusters);
+  }
   Status WriteZeroes(uint64_t, uint64_t) override { return Unsupported(); }
   Status Discard(uint64_t, uint64_t) override { return Unsupported(); }
   Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported(); }
@@ -122,6 +136,8 @@ class FakeImage final : public Image {
   std::map<uint64_t, std::vector<uint8_t>> clusters_;  // guarded by mutex_
   std::vector<uint64_t> write_order_;                  // guarded by mutex_
   uint64_t compressed_writes_ = 0;                     // guarded by mutex_
+  std::vector<std::vector<uint64_t>> batches_;         // guest offsets per batch; guarded by mutex_
+  std::chrono::microseconds batch_delay_{0};           // a slow image: each batch takes this long
   uint64_t fail_write_ = 0;  // 1-based write that fails (and every later one); 0 = none
   std::atomic<bool>* cancel_after_writes_flag_ = nullptr;
   uint64_t cancel_after_writes_ = 0;
@@ -324,6 +340,78 @@ TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
       EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
     }
   }
+}
+
+TEST(PipelineTest, CompressedClustersReachTheImageInBatchesOfConsecutiveClusters) {
+  for (bool workers_read : {false, true}) {
+    SCOPED_TRACE(workers_read ? "workers read" : "reader reads");
+    const uint64_t size = 4 << 20;
+    std::vector<uint8_t> bytes(size);  // compressible, no zero cluster
+    for (uint64_t i = 0; i < size; ++i) bytes[i] = static_cast<uint8_t>('a' + (i * 7) % 13);
+    FakeSource source(bytes, {{0, size}});
+    source.parallel_ = workers_read;
+    FakeImage image(size);
+    PipelineTotals totals;
+    ASSERT_TRUE(
+        RunPipeline(source, image, Options(size, true), Compressors(2, true), &totals).ok());
+    EXPECT_EQ(image.Content(), bytes);
+    EXPECT_EQ(totals.clusters_compressed, size / kClusterSize);
+    uint64_t batched = 0;
+    size_t largest = 0;
+    for (const std::vector<uint64_t>& batch : image.batches_) {
+      batched += batch.size();
+      largest = std::max(largest, batch.size());
+      for (size_t i = 1; i < batch.size(); ++i) {
+        EXPECT_EQ(batch[i], batch[i - 1] + kClusterSize) << "a batch is a run of clusters";
+      }
+    }
+    EXPECT_EQ(batched, totals.clusters_compressed);
+    EXPECT_GT(largest, 1u);
+    EXPECT_LT(image.batches_.size(), totals.clusters_compressed);
+  }
+}
+
+// Regression: a worker released its chunk once the run was compressed, then (after waiting
+// for its turn) took the guest offsets from the chunk, which the reader had meanwhile
+// refilled with other data.
+TEST(PipelineTest, RunsWaitingForTheirTurnKeepTheirOffsetsWhileTheirChunkIsReused) {
+  const uint64_t size = 24 << 20;
+  std::vector<uint8_t> bytes(size);  // compressible, every cluster different
+  for (uint64_t i = 0; i < size; ++i) {
+    bytes[i] =
+        static_cast<uint8_t>(i % kClusterSize < 8 ? (i / kClusterSize) >> (i % 8) : 'a' + i % 3);
+  }
+  FakeSource source(bytes, {{0, size}});
+  FakeImage image(size);
+  image.batch_delay_ = std::chrono::microseconds(300);
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, Options(size, false), Compressors(4, true), &totals).ok());
+  EXPECT_EQ(image.Content(), bytes);
+  EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
+}
+
+TEST(PipelineTest, InOrderRunsSplitTheirBatchAroundStoredClusters) {
+  // Clusters alternate: compressible, compressible, incompressible, zero, ...
+  const uint64_t size = 2 << 20;
+  std::vector<uint8_t> bytes(size, 0);
+  std::mt19937_64 rng(9);
+  for (uint64_t c = 0; c < size / kClusterSize; ++c) {
+    for (uint64_t i = 0; i < kClusterSize; ++i) {
+      uint8_t& b = bytes[c * kClusterSize + i];
+      if (c % 4 < 2) b = static_cast<uint8_t>('k' + i % 5);
+      if (c % 4 == 2) b = static_cast<uint8_t>(rng());
+    }
+  }
+  FakeSource source(bytes, {{0, size}});
+  FakeImage image(size);
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, Options(size, false), Compressors(3, true), &totals).ok());
+  EXPECT_EQ(image.Content(), bytes);
+  EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
+  EXPECT_EQ(totals.clusters_compressed, size / kClusterSize / 2);
+  EXPECT_EQ(totals.clusters_uncompressed, size / kClusterSize / 4);
+  EXPECT_EQ(totals.clusters_zero, size / kClusterSize / 4);
+  for (const std::vector<uint64_t>& batch : image.batches_) EXPECT_LE(batch.size(), 2u);
 }
 
 class PipelineFailure : public ::testing::TestWithParam<std::tuple<unsigned, bool>> {};
