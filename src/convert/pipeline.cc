@@ -26,7 +26,7 @@ using io::AlignUp;
 // Guest bytes per read buffer (more when a cluster or the source's alignment is larger).
 constexpr size_t kChunkBytes = size_t{1} << 20;
 // Chunks read with one ReadBatch (io_uring queue depth for the source).
-constexpr size_t kReadBatchChunks = 8;
+constexpr size_t kReadBatchChunks = 4;  // 8 measured no faster (and costs 2 MiB more)
 // Bounds of the buffer pool: at least this much for read-ahead, at most this much however
 // many workers there are. Keeps a default conversion far below 64 MiB of resident memory.
 constexpr size_t kMinPoolBytes = size_t{8} << 20;
