@@ -422,13 +422,15 @@ TEST(ConvertTest, CancelMidWayLeavesAConsistentIncompleteImage) {
   TempDir dir;
   const std::string source = dir.File("s.raw");
   const std::string target = dir.File("t.qcow2");
-  const uint64_t size = 8 * kMiB;
+  // Workers write runs of up to 1 MiB of guest clusters with one write each (the cache is
+  // off): 32 MiB make far more writes than the 10 after which the cancel comes.
+  const uint64_t size = 32 * kMiB;
   testing::WriteRawImage(source, size, DataKind::kText, 3);
   std::atomic<bool> cancel{false};
   ConvertOptions options;
   options.workers = 2;
   options.cancel = &cancel;
-  options.target_io.write_cache = IoOptions::WriteCache::kOff;  // one write per cluster
+  options.target_io.write_cache = IoOptions::WriteCache::kOff;  // a write per run, no cache
   options.wrap_target_file = [&](std::unique_ptr<io::File> file) -> std::unique_ptr<io::File> {
     return std::make_unique<CancellingFile>(std::move(file), &cancel, 10);
   };
