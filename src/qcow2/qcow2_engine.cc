@@ -60,9 +60,11 @@ Qcow2Image::Qcow2Image(Parts parts)
       writable_(parts.writable),
       file_size_at_open_(parts.file_size),
       header_cluster_(std::move(parts.header_cluster)) {
-  write_cache_ =
-      CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
-                                   CacheOptions(parts.io, file_->direct_io(), cluster_size_));
+  const CompressedWriteCache::Options cache_options =
+      CacheOptions(parts.io, file_->direct_io(), cluster_size_);
+  write_cache_enabled_ = cache_options.enabled;
+  write_cache_ = CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
+                                              cache_options);
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
                                                     static_cast<uint32_t>(cluster_size_));
   cluster_map_ =
@@ -393,6 +395,12 @@ Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> cluste
                                        std::span<const HostOffset> hosts) {
   // Per-thread scratch for runs whose pieces are not adjacent in memory.
   thread_local std::vector<uint8_t> staging;
+  if (!write_cache_enabled_) {
+    for (size_t i = 0; i < clusters.size(); ++i) {
+      ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[i].value(), clusters[i].data));
+    }
+    return Status::OK();
+  }
   size_t first = 0;
   while (first < clusters.size()) {
     // The longest run [first, end) whose pieces lie back to back in the file.

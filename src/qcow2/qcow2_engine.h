@@ -29,9 +29,9 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <unordered_set>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "format/entries.h"
@@ -124,7 +124,9 @@ class Qcow2Image final : public Image {
   Status CheckCompressedCluster(const CompressedCluster& cluster) const;
   // Hands the pieces (clusters[i].data at hosts[i]) to the write cache: one Write per run of
   // pieces that are back to back in the file (copied together first unless they are also
-  // back to back in memory). No lock held.
+  // back to back in memory). With the cache disabled, one Write per piece: combining
+  // pieces is the cache's job, and the disabled mode is the baseline QEMU's writes give
+  // (every compressed cluster written on its own). No lock held.
   Status WriteCompressedRuns(std::span<const CompressedCluster> clusters,
                              std::span<const format::HostOffset> hosts);
   class ClusterWriteGuard;
@@ -157,6 +159,7 @@ class Qcow2Image final : public Image {
   const bool writable_;
   const uint64_t file_size_at_open_;
   std::unique_ptr<CompressedWriteCache> write_cache_;
+  bool write_cache_enabled_ = false;  // set once by the constructor
 
   mutable std::mutex mutex_;
   // Guest clusters a WriteOneCluster is working on (guarded by mutex_).
