@@ -17,10 +17,7 @@
 #include <thread>
 #include <vector>
 
-#include "io/fault_file.h"
-#include "io/file.h"
 #include "qcow2/image_test_util.h"
-#include "qcow2/qcow2_image.h"
 #include "testing/test_util.h"
 #include "zqcow/image.h"
 
@@ -28,6 +25,7 @@ namespace zqcow::qcow2 {
 namespace {
 
 using testing::CompressCluster;
+using testing::CreateFaultyImage;
 using testing::ExpectCleanAndEqual;
 using testing::NewCompressor;
 using testing::RawTwin;
@@ -335,21 +333,14 @@ TEST(BatchWriteTest, WithoutTheCacheEveryClusterIsItsOwnWrite) {
     SCOPED_TRACE(cache_on ? "cache on" : "cache off");
     TempDir dir;
     const std::string path = dir.File("count.qcow2");
-    io::FileOptions file_options;
-    file_options.writable = true;
-    file_options.create = true;
-    auto file = io::OpenFile(path, file_options);
-    ASSERT_TRUE(file.ok()) << file.status().ToString();
     auto controller = std::make_shared<io::FaultController>();
     CreateOptions options;
     constexpr uint64_t kClusters = 32;
     options.virtual_size = kClusters * 65536;
     IoOptions io;
     io.write_cache = mode;
-    auto created = CreateImageOnFile(
-        io::MakeFaultInjectingFile(std::move(file).value(), controller), options, io);
-    ASSERT_TRUE(created.ok()) << created.status().ToString();
-    auto image = std::move(created).value();
+    auto image = CreateFaultyImage(path, options, io, controller);
+    ASSERT_NE(image, nullptr);
     auto compressor = NewCompressor(Compression::kZlib);
     RawTwin raw(dir.File("count.raw"), kClusters * 65536);
     std::vector<std::pair<uint64_t, std::vector<uint8_t>>> compressed;

@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "format/endian.h"
-#include "format/types.h"
 #include "format/header.h"
+#include "format/types.h"
 #include "io/fault_file.h"
 #include "io/file.h"
 #include "qcow2/image_test_util.h"
@@ -254,18 +254,11 @@ TEST(ImageLifecycleTest, OneTebibyteImageStaysSmallInMemory) {
 TEST(ImageLifecycleTest, FailedWriteIsStickyAndKeepsDirtyBit) {
   TempDir dir;
   const std::string path = dir.File("f.qcow2");
-  io::FileOptions file_options;
-  file_options.writable = true;
-  file_options.create = true;
-  auto file = io::OpenFile(path, file_options);
-  ASSERT_TRUE(file.ok()) << file.status().ToString();
   auto controller = std::make_shared<io::FaultController>();
-  auto faulty = io::MakeFaultInjectingFile(std::move(file).value(), controller);
   CreateOptions options;
   options.virtual_size = 16 * 65536;
-  auto created = CreateImageOnFile(std::move(faulty), options, IoOptions());
-  ASSERT_TRUE(created.ok()) << created.status().ToString();
-  auto image = std::move(created).value();
+  auto image = testing::CreateFaultyImage(path, options, IoOptions(), controller);
+  ASSERT_NE(image, nullptr);
   controller->FailNth(io::FaultController::Op::kWrite, 1, ENOSPC);
   auto data = MakeData(DataKind::kRandom, 65536, 3);
   Status s = image->Write(0, data);

@@ -9,10 +9,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "codec/codec.h"
+#include "io/fault_file.h"
+#include "io/file.h"
+#include "qcow2/qcow2_image.h"
 #include "testing/test_util.h"
 #include "zqcow/image.h"
 
@@ -65,6 +69,22 @@ inline Status WriteCluster(Image* image, codec::Compressor* compressor, uint64_t
   auto compressed = CompressCluster(compressor, data, image->cluster_size());
   if (compressed.empty()) return image->Write(offset, data);
   return image->WriteCompressed(offset, compressed);
+}
+
+// A new image at `path` on a file whose operations `controller` counts and can fail.
+inline std::unique_ptr<Image> CreateFaultyImage(
+    const std::string& path, const CreateOptions& options, const IoOptions& io,
+    const std::shared_ptr<io::FaultController>& controller) {
+  io::FileOptions file_options;
+  file_options.writable = true;
+  file_options.create = true;
+  auto file = io::OpenFile(path, file_options);
+  EXPECT_TRUE(file.ok()) << file.status().ToString();
+  if (!file.ok()) return nullptr;
+  auto created = CreateImageOnFile(io::MakeFaultInjectingFile(std::move(file).value(), controller),
+                                   options, io);
+  EXPECT_TRUE(created.ok()) << created.status().ToString();
+  return created.ok() ? std::move(created).value() : nullptr;
 }
 
 // `incomplete`: the image is expected to carry the dirty bit (CloseIncomplete).
