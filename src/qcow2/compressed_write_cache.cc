@@ -44,6 +44,8 @@ constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = 2U << 20;
 // Most bytes of finished units one batch writes (at least one unit).
 constexpr size_t kMaxBatchBytes = size_t{2} << 20;
+// Join buffers (kMaxBatchBytes each) that may exist at once.
+constexpr size_t kMaxJoinBuffers = 2;
 
 // Receipt of one host cluster's compressed bytes.
 struct ClusterFill {
@@ -479,12 +481,20 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
           status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
         } else {
           io::AlignedBuffer joined = TakeJoinBuffer();
-          for (size_t k = i; k < end; ++k) {
-            std::memcpy(joined.data() + length, items[k].unit->buffer.data(), items[k].plan.length);
-            length += items[k].plan.length;
+          if (joined.data() == nullptr) {
+            // Every join buffer is in use by another writer: write the units one by one.
+            end = i + 1;
+            length = first.plan.length;
+            status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
+          } else {
+            for (size_t k = i; k < end; ++k) {
+              std::memcpy(joined.data() + length, items[k].unit->buffer.data(),
+                          items[k].plan.length);
+              length += items[k].plan.length;
+            }
+            status = file_->WriteAt(first.offset, joined.data(), length);
+            ReturnJoinBuffer(std::move(joined));
           }
-          status = file_->WriteAt(first.offset, joined.data(), length);
-          ReturnJoinBuffer(std::move(joined));
         }
         if (status.ok() && options_.drop_page_cache) {
           (void)file_->DropCache(first.offset, length);  // a hint only
@@ -535,7 +545,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     return result;  // `doomed` is freed outside the lock
   }
 
-  // A buffer for joining units (kMaxBatchBytes), reused between batches.
+  // A buffer for joining units (kMaxBatchBytes), reused between batches; an empty one when
+  // kMaxJoinBuffers exist and all are in use (memory stays bounded however many threads
+  // write: the writer thread and every writer that finds the cache full).
   io::AlignedBuffer TakeJoinBuffer() {
     {
       std::lock_guard lock(join_buffers_mutex_);
@@ -544,6 +556,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         join_buffers_.pop_back();
         return buffer;
       }
+      if (join_buffers_created_ == kMaxJoinBuffers) return io::AlignedBuffer();
+      ++join_buffers_created_;
     }
     return io::AlignedBuffer(kMaxBatchBytes, std::max(alignment_, io::kBufferAlignment));
   }
@@ -667,6 +681,7 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
   std::mutex read_modify_write_mutex_;  // disabled mode on an O_DIRECT file
   std::mutex join_buffers_mutex_;
   std::vector<io::AlignedBuffer> join_buffers_;  // guarded by join_buffers_mutex_
+  size_t join_buffers_created_ = 0;              // guarded by join_buffers_mutex_
   std::thread writer_;          // the writer thread; guarded by mutex_ until joined
   bool writer_failed_ = false;  // guarded by mutex_
 };
