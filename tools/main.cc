@@ -2,6 +2,8 @@
 //
 // zqcow: writes compressed qcow2 images fast. Dispatches to the subcommands in cmd_*.cc.
 
+#include <malloc.h>
+
 #include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
@@ -14,10 +16,17 @@ namespace {
 // Keep in sync with project(zqcow VERSION ...) in CMakeLists.txt.
 constexpr const char* kVersion = ZQCOW_VERSION;  // project(VERSION) in CMakeLists.txt
 
+// glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
+// buffers allocated by one worker and freed by another keep every arena's memory resident:
+// about 2 MiB per worker. The workers allocate a few blocks per cluster, so two arenas are
+// plenty (`convert -m 16` on a 1.5 GiB ext4 image: peak RSS 141 MiB -> 106 MiB, same speed).
+constexpr int kMallocArenas = 2;
+
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace zqcow::cli;
+  mallopt(M_ARENA_MAX, kMallocArenas);  // before any thread starts
   CLI::App app("zqcow: convert disk images to (compressed) qcow2 fast; qemu-img compatible",
                "zqcow");
   app.set_version_flag("--version", std::string("zqcow ") + kVersion);
