@@ -20,7 +20,8 @@ ChunkPool::ChunkPool(size_t count, size_t chunk_bytes, size_t alignment)
   const size_t region_bytes =
       io::AlignUp(std::max<size_t>(1, count * chunk_bytes_), kHugePageBytes);
   const size_t region_alignment = std::max(alignment, kHugePageBytes);
-  // Map enough to place an aligned region inside, then give back the rest.
+  // Map enough to place an aligned region inside. The slack around it stays mapped but is
+  // never touched: it costs address space, not memory.
   mapping_bytes_ = region_bytes + region_alignment;
   mapping_ =
       mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -33,13 +34,18 @@ ChunkPool::ChunkPool(size_t count, size_t chunk_bytes, size_t alignment)
       reinterpret_cast<uint8_t*>(io::AlignUp(reinterpret_cast<uintptr_t>(base), region_alignment));
   // Advisory: without huge pages the pool still works, only the reads are split more.
   madvise(region, region_bytes, MADV_HUGEPAGE);
-  chunks_.reserve(count);
-  free_.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    auto chunk = std::make_unique<Chunk>();
-    chunk->buffer = {region + i * chunk_bytes_, chunk_bytes};
-    free_.push_back(chunk.get());
-    chunks_.push_back(std::move(chunk));
+  try {
+    chunks_.reserve(count);
+    free_.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+      auto chunk = std::make_unique<Chunk>();
+      chunk->buffer = {region + i * chunk_bytes_, chunk_bytes};
+      free_.push_back(chunk.get());
+      chunks_.push_back(std::move(chunk));
+    }
+  } catch (...) {
+    munmap(mapping_, mapping_bytes_);  // the destructor does not run for a failed constructor
+    throw;
   }
 }
 

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -15,7 +17,9 @@ namespace {
 
 TEST(ChunkPoolTest, ChunksAreAlignedDisjointAndWritable) {
   for (size_t alignment : {size_t{512}, size_t{4096}, size_t{65536}}) {
-    for (size_t chunk_bytes : {size_t{65536}, size_t{1} << 20, size_t{3} << 20}) {
+    // Also sizes that are not a multiple of the alignment: chunks still start aligned.
+    for (size_t chunk_bytes :
+         {size_t{65536}, size_t{65536} + 512, size_t{1} << 20, size_t{3} << 20}) {
       constexpr size_t kCount = 5;
       ChunkPool pool(kCount, chunk_bytes, alignment);
       ASSERT_EQ(pool.count(), kCount);
@@ -45,14 +49,24 @@ TEST(ChunkPoolTest, AcquireWaitsForAReleaseAndStopWakesWaiters) {
   ChunkPool pool(1, 4096, 4096);
   Chunk* held = pool.Acquire();
   ASSERT_NE(held, nullptr);
-  Chunk* got = nullptr;
+  std::atomic<Chunk*> got{nullptr};
   std::thread waiter([&] { got = pool.Acquire(); });
+  // Whatever the timing, the waiter cannot have a chunk before one is released.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(got.load(), nullptr);
   pool.Release(held);
   waiter.join();
-  EXPECT_EQ(got, held);
-  std::thread stopped([&] { EXPECT_EQ(pool.Acquire(), nullptr); });
+  EXPECT_EQ(got.load(), held);
+  std::atomic<bool> woke{false};
+  std::thread stopped([&] {
+    EXPECT_EQ(pool.Acquire(), nullptr);
+    woke = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(woke.load());  // no chunk is free: still waiting
   pool.Stop();
   stopped.join();
+  EXPECT_TRUE(woke.load());
   EXPECT_EQ(pool.TryAcquire(), nullptr);
 }
 

@@ -559,7 +559,13 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       if (join_buffers_created_ == kMaxJoinBuffers) return io::AlignedBuffer();
       ++join_buffers_created_;
     }
-    return io::AlignedBuffer(kMaxBatchBytes, std::max(alignment_, io::kBufferAlignment));
+    try {
+      return io::AlignedBuffer(kMaxBatchBytes, std::max(alignment_, io::kBufferAlignment));
+    } catch (const std::bad_alloc&) {
+      std::lock_guard lock(join_buffers_mutex_);
+      --join_buffers_created_;  // the slot was not used
+      return io::AlignedBuffer();
+    }
   }
   void ReturnJoinBuffer(io::AlignedBuffer buffer) {
     std::lock_guard lock(join_buffers_mutex_);
