@@ -276,6 +276,7 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         units_.erase(it);
         changed_.notify_all();
         lock.unlock();
+        ReturnUnitBuffer(std::move(doomed->buffer));
         return;  // `doomed` freed outside the lock
       }
       // A block of several clusters whose other clusters are all complete: write it.
@@ -339,7 +340,16 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     const uint32_t in_unit = static_cast<uint32_t>(offset - unit_offset);
     const uint32_t in_cluster = static_cast<uint32_t>(offset % cluster_size_);
     const uint32_t length = static_cast<uint32_t>(piece.size());
-    io::AlignedBuffer spare;  // allocated outside the lock when the unit needs a buffer
+    io::AlignedBuffer spare;  // taken outside the lock when the unit needs a buffer
+    // Declared before `lock`, so it runs after the lock is released: an unused spare goes
+    // back to the recycled buffers.
+    struct SpareReturn {
+      CompressedWriteCacheImpl* cache;
+      io::AlignedBuffer* spare;
+      ~SpareReturn() {
+        if (spare->size() != 0) cache->ReturnUnitBuffer(std::move(*spare));
+      }
+    } spare_return{this, &spare};
     std::unique_lock lock(mutex_);
     ++stats_.pieces;
     bool counted_wait = false;
@@ -366,7 +376,7 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       }
       if ((!cached || it->second->buffer.size() == 0) && spare.size() == 0) {
         lock.unlock();
-        spare = io::AlignedBuffer(unit_size_, std::max(alignment_, io::kBufferAlignment));
+        spare = TakeUnitBuffer();
         lock.lock();
         continue;  // the world may have changed meanwhile
       }
@@ -518,7 +528,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     }
     changed_.notify_all();
     lock.unlock();
-    doomed.clear();  // buffers freed outside the lock
+    for (auto& unit : doomed) ReturnUnitBuffer(std::move(unit->buffer));
+    doomed.clear();  // freed outside the lock
     lock.lock();
   }
 
@@ -542,7 +553,40 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     changed_.notify_all();
     Status result = error_;
     lock.unlock();
+    ReturnUnitBuffer(std::move(doomed->buffer));
     return result;  // `doomed` is freed outside the lock
+  }
+
+  // A zero-filled buffer for a unit: a recycled one when there is one. Units come and go
+  // thousands of times per second from several threads; recycling their buffers keeps the
+  // allocator from spreading them over its arenas and the kernel from faulting in and
+  // zeroing fresh pages for each.
+  io::AlignedBuffer TakeUnitBuffer() {
+    io::AlignedBuffer buffer;
+    {
+      std::lock_guard lock(unit_buffers_mutex_);
+      if (!unit_buffers_.empty()) {
+        buffer = std::move(unit_buffers_.back());
+        unit_buffers_.pop_back();
+      }
+    }
+    if (buffer.size() == 0) {
+      return io::AlignedBuffer(unit_size_, std::max(alignment_, io::kBufferAlignment));
+    }
+    std::memset(buffer.data(), 0, buffer.size());
+    return buffer;
+  }
+  // Keeps at most as many buffers as the cache may hold units; frees the rest.
+  void ReturnUnitBuffer(io::AlignedBuffer buffer) {
+    if (buffer.size() == 0) return;
+    {
+      std::lock_guard lock(unit_buffers_mutex_);
+      if (unit_buffers_.size() < options_.max_clusters) {
+        unit_buffers_.push_back(std::move(buffer));
+        return;
+      }
+    }
+    // `buffer` is freed here, outside the lock.
   }
 
   // A buffer for joining units (kMaxBatchBytes), reused between batches; an empty one when
@@ -685,6 +729,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
   Stats stats_;
 
   std::mutex read_modify_write_mutex_;  // disabled mode on an O_DIRECT file
+  std::mutex unit_buffers_mutex_;
+  std::vector<io::AlignedBuffer> unit_buffers_;  // guarded by unit_buffers_mutex_; zeroed on take
   std::mutex join_buffers_mutex_;
   std::vector<io::AlignedBuffer> join_buffers_;  // guarded by join_buffers_mutex_
   size_t join_buffers_created_ = 0;              // guarded by join_buffers_mutex_
