@@ -132,6 +132,13 @@ class Pipeline {
   // [start, end) is left unallocated. REQUIRES: start cluster-aligned, end cluster-aligned
   // or the virtual size.
   void AccountZero(uint64_t start, uint64_t end);
+  // Bytes of the guest cluster at `guest_offset` (cluster-aligned) inside the virtual size.
+  uint64_t ValidBytes(uint64_t guest_offset) const {
+    return std::min(cluster_size_, options_.virtual_size - guest_offset);
+  }
+  // For a cluster just read into `data`: pads the last (partial) cluster with zeros to a
+  // whole cluster; true, and accounted as left unallocated, when it is all zeros.
+  bool PadAndCheckZero(uint64_t guest_offset, uint8_t* data);
 
   // ---- workers ----
   void WorkerMain(size_t worker);
@@ -339,15 +346,8 @@ void Pipeline::DispatchChunk(const PendingChunk& pending) {
         add(cluster_index);
         continue;
       }
-      uint8_t* data = chunk->buffer.data() + in_chunk;
-      const uint64_t valid = std::min(cluster_size_, virtual_size - offset);
-      // The last cluster is padded with zeros to a whole cluster.
-      if (valid < cluster_size_) std::memset(data + valid, 0, cluster_size_ - valid);
-      if (IsAllZero({data, valid})) {  // left unallocated; it ends the run
-        AccountZero(offset, offset + valid);
-        continue;
-      }
-      add(cluster_index);
+      // An all-zero cluster is left unallocated; it ends the run.
+      if (!PadAndCheckZero(offset, chunk->buffer.data() + in_chunk)) add(cluster_index);
     }
   }
   if (tasks.empty()) {
@@ -455,16 +455,20 @@ Status Pipeline::ReadRun(const RunTask& task, WorkerState& state) {
                           std::memory_order_relaxed);
   }
   for (uint32_t i = 0; i < task.cluster_count; ++i) {
-    const uint64_t offset = guest_offset + uint64_t{i} * cluster_size_;
-    const uint64_t valid = std::min(cluster_size_, options_.virtual_size - offset);
-    uint8_t* cluster = data + uint64_t{i} * cluster_size_;
-    if (valid < cluster_size_) std::memset(cluster + valid, 0, cluster_size_ - valid);
-    if (IsAllZero({cluster, valid})) {
-      AccountZero(offset, offset + valid);
+    const uint64_t cluster = uint64_t{i} * cluster_size_;
+    if (PadAndCheckZero(guest_offset + cluster, data + cluster)) {
       state.outcome[i] = ClusterOutcome::kZero;
     }
   }
   return Status::OK();
+}
+
+bool Pipeline::PadAndCheckZero(uint64_t guest_offset, uint8_t* data) {
+  const uint64_t valid = ValidBytes(guest_offset);
+  if (valid < cluster_size_) std::memset(data + valid, 0, cluster_size_ - valid);
+  if (!IsAllZero({data, valid})) return false;
+  AccountZero(guest_offset, guest_offset + valid);
+  return true;
 }
 
 Status Pipeline::WriteRun(const RunTask& task, uint64_t run_offset, WorkerState& state) {
@@ -481,7 +485,7 @@ Status Pipeline::WriteRun(const RunTask& task, uint64_t run_offset, WorkerState&
       case ClusterOutcome::kStored: {
         // In order: the compressed clusters before this one go first.
         if (!options_.out_of_order) ZQ_RETURN_IF_ERROR(FlushCompressedBatch(state));
-        const uint64_t valid = std::min(cluster_size_, options_.virtual_size - guest_offset);
+        const uint64_t valid = ValidBytes(guest_offset);
         const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
         ZQ_RETURN_IF_ERROR(image_.Write(guest_offset, {chunk->buffer.data() + in_chunk, valid}));
         clusters_uncompressed_.fetch_add(1, std::memory_order_relaxed);
@@ -500,7 +504,7 @@ Status Pipeline::FlushCompressedBatch(WorkerState& state) {
   uint64_t guest_bytes = 0;
   for (const CompressedCluster& cluster : state.batch) {
     bytes += cluster.data.size();
-    guest_bytes += std::min(cluster_size_, options_.virtual_size - cluster.guest_offset);
+    guest_bytes += ValidBytes(cluster.guest_offset);
   }
   clusters_compressed_.fetch_add(state.batch.size(), std::memory_order_relaxed);
   compressed_bytes_.fetch_add(bytes, std::memory_order_relaxed);

@@ -13,9 +13,10 @@
 //
 // A finished unit is `ready`: queued in `ready_` (by offset) until a batch takes it. The
 // writer thread takes the lowest ready units, up to kMaxBatchBytes, marks them writing and
-// submits them with one WriteBatch; while it writes, more units finish, so batches grow with
-// the load by themselves. A ready unit that changes (a block of several clusters whose next
-// cluster receives a piece, or a Discard) stops being ready until it finishes again.
+// writes each run of back-to-back units with one write (copied into a join buffer); while
+// it writes, more units finish, so batches grow with the load by themselves. A ready unit that
+// changes (a block of several clusters whose next cluster receives a piece, or a Discard) stops
+// being ready until it finishes again.
 
 #include "qcow2/compressed_write_cache.h"
 
@@ -485,26 +486,23 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
                items[end].offset == items[end - 1].offset + unit_size_) {
           ++end;
         }
+        io::AlignedBuffer joined;
+        if (end - i > 1) {
+          joined = TakeJoinBuffer();
+          // Every join buffer is in use by another writer: write the units one by one.
+          if (joined.data() == nullptr) end = i + 1;
+        }
         size_t length = 0;
         if (end - i == 1) {
           length = first.plan.length;
           status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
         } else {
-          io::AlignedBuffer joined = TakeJoinBuffer();
-          if (joined.data() == nullptr) {
-            // Every join buffer is in use by another writer: write the units one by one.
-            end = i + 1;
-            length = first.plan.length;
-            status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
-          } else {
-            for (size_t k = i; k < end; ++k) {
-              std::memcpy(joined.data() + length, items[k].unit->buffer.data(),
-                          items[k].plan.length);
-              length += items[k].plan.length;
-            }
-            status = file_->WriteAt(first.offset, joined.data(), length);
-            ReturnJoinBuffer(std::move(joined));
+          for (size_t k = i; k < end; ++k) {
+            std::memcpy(joined.data() + length, items[k].unit->buffer.data(), items[k].plan.length);
+            length += items[k].plan.length;
           }
+          status = file_->WriteAt(first.offset, joined.data(), length);
+          ReturnJoinBuffer(std::move(joined));
         }
         if (status.ok() && options_.drop_page_cache) {
           (void)file_->DropCache(first.offset, length);  // a hint only

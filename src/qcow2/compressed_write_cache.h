@@ -12,10 +12,10 @@
 // A cluster is *finished* when all bytes in [0, data end) have arrived. It is then written
 // out with one aligned write (tail padded with zeros up to the file's alignment, never
 // beyond the cluster) and dropped from memory: by the cache's writer thread (the default),
-// which takes every finished cluster that is waiting and submits them together as one batch
-// (io_uring: adjacent clusters merge into large requests), so compression workers never wait
-// for the disk; or, with Options::background_writer off, by the caller whose piece (or
-// cluster end) finished it, before that call returns.
+// which takes every finished cluster that is waiting and writes each run of adjacent ones
+// with one write (up to 2 MiB), so compression workers never wait for the disk; or, with
+// Options::background_writer off, by the caller whose piece (or cluster end) finished it, before
+// that call returns.
 //
 // REQUIRES of the caller (the image's allocator):
 // - Every host cluster that receives pieces is fresh: nothing else is ever written to it,

@@ -800,10 +800,14 @@ TEST(CompressedWriteCacheTest, InFlightClusterIsReadableAndDiscardWaits) {
   EXPECT_EQ(file.contents(), data);
 }
 
-// Holds the file's writes at one offset until opened; counts how many were held.
+// Holds the file's writes at one offset until opened.
 class WriteGate {
  public:
-  explicit WriteGate(uint64_t offset) : offset_(offset) {}
+  // Installs itself as `file`'s before_write hook. REQUIRES: the gate outlives every write
+  // of `file` (declare it before the cache that writes).
+  WriteGate(MemoryFile& file, uint64_t offset) : offset_(offset) {
+    file.before_write = [this](uint64_t at) { Hold(at); };
+  }
   void Hold(uint64_t offset) {
     if (offset != offset_) return;
     std::unique_lock lock(mutex_);
@@ -839,8 +843,7 @@ TEST(CompressedWriteCacheTest, WriterThreadBatchesClustersThatFinishMeanwhile) {
   constexpr uint32_t kCluster = 4096;
   constexpr int kClusters = 6;
   MemoryFile file(512, /*direct=*/true);
-  WriteGate gate(0);
-  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  WriteGate gate(file, 0);
   auto cache = CompressedWriteCache::Create(&file, kCluster, Options{});
   const std::vector<uint8_t> data =
       testing::MakeData(testing::DataKind::kRandom, kClusters * kCluster, 10);
@@ -875,8 +878,7 @@ TEST(CompressedWriteCacheTest, WriterFindingTheCacheFullWritesFinishedClustersIt
   Watchdog watchdog("full cache helps");
   constexpr uint32_t kCluster = 4096;
   MemoryFile file(512, /*direct=*/true);
-  WriteGate gate(0);
-  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  WriteGate gate(file, 0);
   Options options;
   options.max_clusters = 2;
   auto cache = CompressedWriteCache::Create(&file, kCluster, options);
@@ -916,8 +918,7 @@ TEST(CompressedWriteCacheTest, DiscardOfQueuedClusterDropsIt) {
   Watchdog watchdog("discard queued");
   constexpr uint32_t kCluster = 4096;
   MemoryFile file(512, /*direct=*/true);
-  WriteGate gate(0);
-  file.before_write = [&](uint64_t offset) { gate.Hold(offset); };
+  WriteGate gate(file, 0);
   auto cache = CompressedWriteCache::Create(&file, kCluster, Options{});
   const std::vector<uint8_t> data(2 * kCluster, 0x5A);
   ASSERT_TRUE(cache->Write(0, std::span(data).first(kCluster)).ok());
