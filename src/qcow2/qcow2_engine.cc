@@ -63,6 +63,8 @@ Qcow2Image::Qcow2Image(Parts parts)
   const CompressedWriteCache::Options cache_options =
       CacheOptions(parts.io, file_->direct_io(), cluster_size_);
   write_cache_enabled_ = cache_options.enabled;
+  cache_normal_clusters_ =
+      write_cache_enabled_ && cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
   write_cache_ = CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
                                               cache_options);
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
@@ -177,17 +179,9 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<ui
     case L2Entry::Kind::kNormal:
       break;
   }
-  uint64_t host = entry.host_offset.value() + in_cluster;
-  if (!file_->direct_io()) {
-    return file_->ReadAt(host, out.data(), out.size()).status();
-  }
-  uint64_t alignment = file_->alignment();
-  uint64_t begin = io::AlignDown(host, alignment);
-  uint64_t end = io::AlignUp(host + out.size(), alignment);
-  io::AlignedBuffer bounce(end - begin, std::max<size_t>(alignment, io::kBufferAlignment));
-  ZQ_RETURN_IF_ERROR(file_->ReadAt(begin, bounce.data(), end - begin).status());
-  std::memcpy(out.data(), bounce.data() + (host - begin), out.size());
-  return Status::OK();
+  // The cache holds normal clusters not yet written (and reads the file, aligned, for the
+  // others).
+  return write_cache_->Read(entry.host_offset.value() + in_cluster, out);
 }
 
 Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
@@ -299,15 +293,31 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
   }
 
   // The whole cluster is written: old content below and above the new bytes is kept.
-  io::AlignedBuffer buffer(cluster_size_);
-  uint64_t cluster_start = cluster.value() << geometry_.cluster_bits;
-  uint64_t valid = std::min<uint64_t>(cluster_size_, header_.size - cluster_start);
-  if (in_cluster != 0 || data.size() < valid) {
-    Status s = ReadFromEntry(old_raw, 0, buffer.span().first(valid));
-    if (!s.ok()) return Fail(s);
+  const uint64_t cluster_start = cluster.value() << geometry_.cluster_bits;
+  const uint64_t valid = std::min<uint64_t>(cluster_size_, header_.size - cluster_start);
+  std::span<const uint8_t> whole = data;
+  io::AlignedBuffer buffer;
+  // A whole cluster goes to the cache as it is (the cache copies it); a direct write needs
+  // an aligned buffer.
+  if (in_cluster != 0 || data.size() < cluster_size_ || !cache_normal_clusters_) {
+    buffer = io::AlignedBuffer(cluster_size_);
+    if (in_cluster != 0 || data.size() < valid) {
+      Status s = ReadFromEntry(old_raw, 0, buffer.span().first(valid));
+      if (!s.ok()) return Fail(s);
+    }
+    std::memcpy(buffer.data() + in_cluster, data.data(), data.size());
+    whole = buffer.span();
   }
-  std::memcpy(buffer.data() + in_cluster, data.data(), data.size());
-  Status s = file_->WriteAt(host, buffer.data(), cluster_size_);
+  Status s;
+  if (cache_normal_clusters_) {
+    // Through the cache: its writer thread writes the cluster, joined with its neighbours.
+    // An in-place cluster may still be cached (or in flight) from its first write: its old
+    // bytes are replaced, never written after the new ones.
+    if (in_place) write_cache_->Discard(host);
+    s = write_cache_->Write(host, whole);
+  } else {
+    s = file_->WriteAt(host, whole.data(), cluster_size_);
+  }
   if (!s.ok()) return Fail(s);
   if (in_place) return Status::OK();
 

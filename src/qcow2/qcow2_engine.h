@@ -160,6 +160,10 @@ class Qcow2Image final : public Image {
   const uint64_t file_size_at_open_;
   std::unique_ptr<CompressedWriteCache> write_cache_;
   bool write_cache_enabled_ = false;  // set once by the constructor
+  // Normal (uncompressed) clusters go through the write cache too, so workers never wait
+  // for their writes: the cache is on and a cluster is a whole number of the file's
+  // alignment blocks (a smaller cluster would share a block with metadata). Set once.
+  bool cache_normal_clusters_ = false;
 
   mutable std::mutex mutex_;
   // Guest clusters a WriteOneCluster is working on (guarded by mutex_).
