@@ -179,7 +179,9 @@ Subcommand AddConvertCommand(CLI::App& parent) {
                   "Target cache mode: none/directsync (O_DIRECT) or writeback (default)");
   app->add_option("-T", args->source_cache,
                   "Source cache mode: none/directsync (O_DIRECT) or writeback (default)");
-  app->add_option("-m", args->workers, "Number of compression workers (default: one per core)")
+  app->add_option("-m", args->workers,
+                  "Worker threads (default: one per CPU); at most one per CPU compresses at "
+                  "a time, more read a qcow2 source in parallel")
       ->check(CLI::Range(1u, kMaxWorkers));
   CLI::Option* w = app->add_flag("-W", args->out_of_order_flag,
                                  "Out-of-order writes (the default; accepted for compatibility)");

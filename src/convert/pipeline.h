@@ -15,6 +15,11 @@
 //            cluster), and Write the ones that did not fit (or all, without compression).
 //            With in-order writing a run's writes pass an OrderGate in one turn, in guest
 //            order (the batch is split around clusters written as is).
+//            With more workers than compressors (convert gives one compressor per CPU),
+//            a worker takes a free compressor for each run and gives it back before it
+//            writes: the extra workers overlap reads and writes, but no more runs are
+//            compressed at once than there are compressors, and few codec contexts (each
+//            with its tables) take turns in the CPU caches.
 //   caller   (the coordinating thread) reports progress every ~100 ms, watches the cancel
 //            flag, joins everything.
 //
@@ -48,6 +53,9 @@ struct PipelineOptions {
   const std::atomic<bool>* cancel = nullptr;
   std::function<void(const ConvertProgress&)> progress;
   double checkpoint_seconds = 0;  // > 0: image.Flush() that often (ConvertOptions)
+  // Worker threads; 0: one per compressor. With more workers than compressors the workers
+  // share the compressors (see RunPipeline).
+  size_t workers = 0;
   std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
 };
 
@@ -63,9 +71,10 @@ struct PipelineTotals {
   uint64_t clusters_zero = 0;
 };
 
-// Converts all of `source` into `image`, on 1 + compressors.size() threads plus the
-// calling one (which reports progress). `compressors` holds one entry per worker: all
-// non-null to compress, all null to store clusters uncompressed.
+// Converts all of `source` into `image`, on 1 + options.workers threads (one per
+// compressor when 0) plus the calling one (which reports progress). `compressors`: all
+// non-null to compress, all null to store clusters uncompressed; with more workers than
+// compressors, at most compressors.size() runs are compressed at a time.
 // REQUIRES: !compressors.empty(); image is freshly created (every cluster unallocated) with
 // options.cluster_size and options.virtual_size.
 // Returns the first error (source, codec or image), kInterrupted when *options.cancel

@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -57,6 +58,12 @@ class FakeSource final : public Source {
       EXPECT_EQ(request.length % alignment_, 0u);
       EXPECT_EQ(reinterpret_cast<uintptr_t>(request.buffer) % alignment_, 0u);
       if (++reads_ == fail_read_) return Status::IOError(path_ + ": injected read error");
+      const uint64_t in_flight = ++reads_in_flight_;
+      uint64_t seen = max_reads_in_flight_.load();
+      while (in_flight > seen && !max_reads_in_flight_.compare_exchange_weak(seen, in_flight)) {
+      }
+      if (read_delay_.count() > 0) std::this_thread::sleep_for(read_delay_);
+      --reads_in_flight_;
       auto* out = static_cast<uint8_t*>(request.buffer);
       for (uint64_t i = 0; i < request.length; ++i) {
         uint64_t at = request.offset + i;
@@ -70,6 +77,9 @@ class FakeSource final : public Source {
 
   uint64_t fail_read_ = 0;  // 1-based request number that fails; 0 = none
   bool parallel_ = false;
+  std::chrono::microseconds read_delay_{0};  // a slow source: each request takes this long
+  std::atomic<uint64_t> reads_in_flight_{0};
+  std::atomic<uint64_t> max_reads_in_flight_{0};  // most requests served at once
   std::atomic<uint64_t> bytes_requested_{0};
 
  private:
@@ -173,6 +183,44 @@ std::vector<std::unique_ptr<codec::Compressor>> Compressors(unsigned workers, bo
       EXPECT_TRUE(made.ok());
       compressor = std::move(made).value();
     }
+  }
+  return compressors;
+}
+
+// Wraps a real compressor: how many Compress calls run at once, and on which threads.
+struct CompressWatch {
+  std::atomic<int> in_flight{0};
+  std::atomic<int> max_in_flight{0};
+  std::mutex mutex;
+  std::set<std::thread::id> threads;  // guarded by mutex
+};
+class WatchedCompressor final : public codec::Compressor {
+ public:
+  WatchedCompressor(std::unique_ptr<codec::Compressor> inner, CompressWatch* watch)
+      : inner_(std::move(inner)), watch_(watch) {}
+  Result<size_t> Compress(std::span<const uint8_t> input, std::span<uint8_t> output) override {
+    const int now = ++watch_->in_flight;
+    int seen = watch_->max_in_flight.load();
+    while (now > seen && !watch_->max_in_flight.compare_exchange_weak(seen, now)) {
+    }
+    {
+      std::lock_guard lock(watch_->mutex);
+      watch_->threads.insert(std::this_thread::get_id());
+    }
+    Result<size_t> size = inner_->Compress(input, output);
+    --watch_->in_flight;
+    return size;
+  }
+
+ private:
+  std::unique_ptr<codec::Compressor> inner_;
+  CompressWatch* watch_;
+};
+std::vector<std::unique_ptr<codec::Compressor>> WatchedCompressors(unsigned count,
+                                                                   CompressWatch* watch) {
+  std::vector<std::unique_ptr<codec::Compressor>> compressors = Compressors(count, true);
+  for (auto& compressor : compressors) {
+    compressor = std::make_unique<WatchedCompressor>(std::move(compressor), watch);
   }
   return compressors;
 }
@@ -340,6 +388,63 @@ TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
       EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
     }
   }
+}
+
+// More workers than compressors, on a source the workers read themselves: the extra
+// workers overlap their (slow) reads, and never more runs are compressed at once than
+// there are compressors; a write error still stops every worker.
+TEST(PipelineTest, WorkersShareTheCompressorsWhenTheyRead) {
+  for (bool out_of_order : {true, false}) {
+    const uint64_t size = 2 * (1 << 20) + 512;
+    Generated g = Generate(size, 9);
+    FakeSource source(g.bytes, g.data_ranges);
+    source.parallel_ = true;
+    source.read_delay_ = std::chrono::milliseconds(2);
+    FakeImage image(size);
+    CompressWatch watch;
+    PipelineOptions options = Options(size, out_of_order);
+    options.workers = 6;
+    PipelineTotals totals;
+    Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+    ASSERT_TRUE(status.ok()) << status.ToString();
+    EXPECT_EQ(image.Content(), g.bytes);
+    EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
+              Clusters(size));
+    EXPECT_LE(watch.max_in_flight.load(), 2);
+    EXPECT_GT(source.max_reads_in_flight_.load(), 2u);  // the extra workers did read
+    if (!out_of_order) {
+      EXPECT_TRUE(std::is_sorted(image.write_order_.begin(), image.write_order_.end()));
+    }
+  }
+  const uint64_t size = 8 << 20;
+  std::vector<uint8_t> bytes(size, 'x');
+  FakeSource source(bytes, {{0, size}});
+  source.parallel_ = true;
+  FakeImage image(size);
+  image.fail_write_ = 5;
+  CompressWatch watch;
+  PipelineOptions options = Options(size, true);
+  options.workers = 6;
+  PipelineTotals totals;
+  Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+  EXPECT_EQ(status.code(), Status::Code::kNoSpace) << status.ToString();
+}
+
+// When the reader thread reads, workers beyond the compressors would only take turns with
+// them: the pipeline runs one worker per compressor.
+TEST(PipelineTest, NoMoreWorkersThanCompressorsWhenTheReaderReads) {
+  const uint64_t size = 4 << 20;
+  Generated g = Generate(size, 13);
+  FakeSource source(g.bytes, g.data_ranges);
+  FakeImage image(size);
+  CompressWatch watch;
+  PipelineOptions options = Options(size, true);
+  options.workers = 8;
+  PipelineTotals totals;
+  Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+  ASSERT_TRUE(status.ok()) << status.ToString();
+  EXPECT_EQ(image.Content(), g.bytes);
+  EXPECT_LE(watch.threads.size(), 2u);
 }
 
 TEST(PipelineTest, CompressedClustersReachTheImageInBatchesOfConsecutiveClusters) {
