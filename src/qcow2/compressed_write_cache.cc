@@ -696,7 +696,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
   // Reads from the file; through an aligned bounce buffer when it is O_DIRECT.
   Status ReadFile(uint64_t host_offset, std::span<uint8_t> out) {
     if (out.empty()) return Status::OK();
-    if (!file_->direct_io()) {
+    const bool aligned = host_offset % alignment_ == 0 && out.size() % alignment_ == 0 &&
+                         reinterpret_cast<uintptr_t>(out.data()) % alignment_ == 0;
+    if (!file_->direct_io() || aligned) {
       Result<size_t> read = file_->ReadAt(host_offset, out.data(), out.size());
       return read.ok() ? Status::OK() : read.status();
     }

@@ -3,7 +3,10 @@
 // The compressed write cache: assembles host clusters in memory from compressed pieces that
 // parallel workers deliver in any order, and writes each host cluster to the file once,
 // aligned, when it is complete (or at flush). This is what makes O_DIRECT compressed writes
-// fast: no read-modify-write per compressed cluster.
+// fast: no read-modify-write per compressed cluster. The image also hands it whole normal
+// (uncompressed) clusters, each one piece covering its fresh host cluster, so that the
+// workers never wait for the disk: the writer thread writes them joined with their
+// neighbours like any finished cluster.
 //
 // Model. The image's compressed-data allocator hands out byte ranges one after another
 // (a bump pointer). A host cluster therefore receives a set of non-overlapping pieces that

@@ -151,12 +151,85 @@ Status Qcow2Image::ReadCompressed(const L2Entry& entry, std::span<uint8_t> clust
   thread_local std::vector<uint8_t> compressed;
   compressed.resize(entry.compressed_span);
   ZQ_RETURN_IF_ERROR(write_cache_->Read(entry.host_offset.value(), compressed));
+  return DecompressCluster(entry, compressed, cluster);
+}
+
+Status Qcow2Image::DecompressCluster(const L2Entry& entry, std::span<const uint8_t> compressed,
+                                     std::span<uint8_t> cluster) const {
   Status s = ThreadDecompressor(compression())->Decompress(compressed, cluster);
   if (!s.ok()) {
     char where[64];
     snprintf(where, sizeof(where), "compressed cluster at host offset 0x%llx",
              static_cast<unsigned long long>(entry.host_offset.value()));
     return s.WithPrefix(path_ + ": " + where);
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, std::span<uint8_t> out) {
+  // Per-thread scratch: the decoded entries, and one group's compressed bytes read whole
+  // aligned blocks (an O_DIRECT file then reads straight into it).
+  thread_local std::vector<L2Entry> entries;
+  thread_local io::AlignedBuffer group;
+  const uint64_t alignment = std::max<uint64_t>(file_->alignment(), 1);
+  entries.clear();
+  for (uint64_t raw : raws) {
+    ZQ_ASSIGN_OR_RETURN(L2Entry entry, Decode(raw));
+    entries.push_back(entry);
+  }
+  size_t i = 0;
+  while (i < entries.size()) {
+    const L2Entry& first = entries[i];
+    std::span<uint8_t> first_out = out.subspan(i * cluster_size_, cluster_size_);
+    const uint64_t start = first.host_offset.value();
+    size_t end = i + 1;
+    if (first.kind == L2Entry::Kind::kNormal) {
+      while (end < entries.size() && end - i < kReadGroupBytes / cluster_size_ &&
+             entries[end].kind == L2Entry::Kind::kNormal &&
+             entries[end].host_offset.value() == start + (end - i) * cluster_size_) {
+        ++end;
+      }
+      // Consecutive host clusters hold consecutive guest clusters: straight into `out`.
+      ZQ_RETURN_IF_ERROR(
+          write_cache_->Read(start, out.subspan(i * cluster_size_, (end - i) * cluster_size_)));
+      i = end;
+      continue;
+    }
+    if (first.kind != L2Entry::Kind::kCompressed) {
+      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws[i], 0, first_out));
+      ++i;
+      continue;
+    }
+    uint64_t group_end = start + first.compressed_span;
+    while (end < entries.size() && entries[end].kind == L2Entry::Kind::kCompressed) {
+      const uint64_t next = entries[end].host_offset.value();
+      const uint64_t next_end = next + entries[end].compressed_span;
+      if (next < start || next > group_end + kReadGapBytes || next_end - start > kReadGroupBytes) {
+        break;
+      }
+      group_end = std::max(group_end, next_end);
+      ++end;
+    }
+    if (end - i == 1) {
+      ZQ_RETURN_IF_ERROR(ReadCompressed(first, first_out));
+      ++i;
+      continue;
+    }
+    const uint64_t read_start = io::AlignDown(start, alignment);
+    const uint64_t read_length = io::AlignUp(group_end, alignment) - read_start;
+    if (group.size() < read_length) {
+      group = io::AlignedBuffer(kReadGroupBytes + 2 * alignment,
+                                std::max<size_t>(alignment, io::kBufferAlignment));
+    }
+    ZQ_RETURN_IF_ERROR(write_cache_->Read(read_start, group.span().first(read_length)));
+    for (size_t k = i; k < end; ++k) {
+      const L2Entry& entry = entries[k];
+      const std::span<const uint8_t> compressed(
+          group.data() + (entry.host_offset.value() - read_start), entry.compressed_span);
+      ZQ_RETURN_IF_ERROR(
+          DecompressCluster(entry, compressed, out.subspan(k * cluster_size_, cluster_size_)));
+    }
+    i = end;
   }
   return Status::OK();
 }
@@ -186,35 +259,50 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<ui
 
 Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, out.size()));
+  thread_local std::vector<uint64_t> raws;  // entries of the clusters read in one go
+  const uint64_t per_l2 = geometry_.l2_entries();
   uint64_t done = 0;
   while (done < out.size()) {
     uint64_t offset = guest_offset + done;
     uint64_t in_cluster = geometry_.offset_in_cluster(offset);
     uint64_t n = std::min<uint64_t>(out.size() - done, cluster_size_ - in_cluster);
     GuestCluster cluster(offset >> geometry_.cluster_bits);
-    uint64_t raw = 0;
+    // Whole clusters from here on, within this L2 table: looked up together, read grouped.
+    uint64_t whole = 0;
+    if (in_cluster == 0) {
+      whole = std::min<uint64_t>({(out.size() - done) / cluster_size_,
+                                  per_l2 - cluster.value() % per_l2, kReadGroupClusters});
+    }
+    raws.clear();
     {
       std::lock_guard lock(mutex_);
       if (closed_) return Error("image is closed");
       ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
       if (!has_l2) {
         // The whole L2 range reads as zeros.
-        const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
+        const uint64_t per_l2_bytes = per_l2 * cluster_size_;
         uint64_t next = io::AlignDown(offset, per_l2_bytes) + per_l2_bytes;
         n = std::min<uint64_t>(out.size() - done, next - offset);
         std::memset(out.data() + done, 0, n);
         done += n;
         continue;
       }
-      ZQ_ASSIGN_OR_RETURN(raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+      for (uint64_t i = 0; i < std::max<uint64_t>(whole, 1); ++i) {
+        ZQ_ASSIGN_OR_RETURN(uint64_t raw,
+                            cluster_map_->GetEntry(cluster + i, HostLimitLocked()));
+        raws.push_back(raw);
+      }
     }
-    ZQ_RETURN_IF_ERROR(ReadFromEntry(raw, in_cluster, out.subspan(done, n)));
+    if (whole >= 2) {
+      n = whole * cluster_size_;
+      ZQ_RETURN_IF_ERROR(ReadWholeClusters(raws, out.subspan(done, n)));
+    } else {
+      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws.front(), in_cluster, out.subspan(done, n)));
+    }
     done += n;
   }
   return Status::OK();
 }
-
-// ----------------------------------------------------------------------------- writes
 
 Status Qcow2Image::ReplaceEntryLocked(GuestCluster cluster, uint64_t raw) {
   uint64_t host_limit = HostLimitLocked();

@@ -57,6 +57,12 @@ inline constexpr size_t kHeaderAutoclearFeatures = 88;
 
 // Deferred decrements above this many force a flush (bounds their memory).
 inline constexpr size_t kMaxPendingDecrements = size_t{1} << 16;
+// Image::Read: whole clusters looked up at once, and the most bytes one grouped read of
+// their data covers; a gap between two compressed clusters' data up to this size is read
+// rather than split into two requests (cheaper than another request's latency).
+inline constexpr uint64_t kReadGroupClusters = 256;
+inline constexpr uint64_t kReadGroupBytes = uint64_t{256} << 10;
+inline constexpr uint64_t kReadGapBytes = uint64_t{32} << 10;
 
 class Qcow2Image final : public Image {
  public:
@@ -115,6 +121,13 @@ class Qcow2Image final : public Image {
   // Reads [in_cluster, in_cluster + out.size()) of the cluster that `raw` describes.
   Status ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out);
   Status ReadCompressed(const format::L2Entry& entry, std::span<uint8_t> cluster);
+  Status DecompressCluster(const format::L2Entry& entry, std::span<const uint8_t> compressed,
+                           std::span<uint8_t> cluster) const;
+  // Reads whole guest clusters (one raw L2 entry each) into `out`, consecutive clusters'
+  // data that lie together in the file with one request: normal clusters on consecutive
+  // host clusters, compressed clusters packed one after another (as every writer packs
+  // them; gaps up to kReadGapBytes are read and skipped).
+  Status ReadWholeClusters(std::span<const uint64_t> raws, std::span<uint8_t> out);
   // Writes part or all of one guest cluster. Writers of the same guest cluster are
   // serialised (ClusterWriteGuard): a partial write is a read-modify-write done outside the
   // metadata lock, and two at once would each write back the other's old bytes.
