@@ -390,6 +390,15 @@ TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
   }
 }
 
+// Runs `workers` threads over two watched compressors.
+Status RunWithTwoCompressors(FakeSource& source, FakeImage& image, uint64_t size,
+                             bool out_of_order, size_t workers, CompressWatch* watch,
+                             PipelineTotals* totals) {
+  PipelineOptions options = Options(size, out_of_order);
+  options.workers = workers;
+  return RunPipeline(source, image, options, WatchedCompressors(2, watch), totals);
+}
+
 // More workers than compressors, on a source the workers read themselves: the extra
 // workers overlap their (slow) reads, and never more runs are compressed at once than
 // there are compressors; a write error still stops every worker.
@@ -402,10 +411,9 @@ TEST(PipelineTest, WorkersShareTheCompressorsWhenTheyRead) {
     source.read_delay_ = std::chrono::milliseconds(2);
     FakeImage image(size);
     CompressWatch watch;
-    PipelineOptions options = Options(size, out_of_order);
-    options.workers = 6;
     PipelineTotals totals;
-    Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+    Status status =
+        RunWithTwoCompressors(source, image, size, out_of_order, 6, &watch, &totals);
     ASSERT_TRUE(status.ok()) << status.ToString();
     EXPECT_EQ(image.Content(), g.bytes);
     EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
@@ -423,10 +431,8 @@ TEST(PipelineTest, WorkersShareTheCompressorsWhenTheyRead) {
   FakeImage image(size);
   image.fail_write_ = 5;
   CompressWatch watch;
-  PipelineOptions options = Options(size, true);
-  options.workers = 6;
   PipelineTotals totals;
-  Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+  Status status = RunWithTwoCompressors(source, image, size, true, 6, &watch, &totals);
   EXPECT_EQ(status.code(), Status::Code::kNoSpace) << status.ToString();
 }
 
@@ -438,10 +444,8 @@ TEST(PipelineTest, NoMoreWorkersThanCompressorsWhenTheReaderReads) {
   FakeSource source(g.bytes, g.data_ranges);
   FakeImage image(size);
   CompressWatch watch;
-  PipelineOptions options = Options(size, true);
-  options.workers = 8;
   PipelineTotals totals;
-  Status status = RunPipeline(source, image, options, WatchedCompressors(2, &watch), &totals);
+  Status status = RunWithTwoCompressors(source, image, size, true, 8, &watch, &totals);
   ASSERT_TRUE(status.ok()) << status.ToString();
   EXPECT_EQ(image.Content(), g.bytes);
   EXPECT_LE(watch.threads.size(), 2u);

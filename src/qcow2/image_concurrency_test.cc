@@ -35,6 +35,21 @@ struct Params {
   uint32_t cluster_size;
 };
 
+CreateOptions ImageOptions(uint64_t size, uint32_t cluster_size, Compression compression) {
+  CreateOptions options;
+  options.virtual_size = size;
+  options.cluster_size = cluster_size;
+  options.compression = compression;
+  return options;
+}
+
+IoOptions ModeIo(const Params& p) {
+  IoOptions io;
+  io.direct_io = p.direct_io;
+  io.write_cache = p.cache;
+  return io;
+}
+
 class ConcurrentWriteTest : public ::testing::TestWithParam<Params> {};
 
 TEST_P(ConcurrentWriteTest, SixteenWritersPassCheckAndCompare) {
@@ -43,16 +58,11 @@ TEST_P(ConcurrentWriteTest, SixteenWritersPassCheckAndCompare) {
   const std::string path = dir.File("c.qcow2");
   const uint64_t clusters = 192;
   const uint64_t size = clusters * p.cluster_size;
-  CreateOptions options;
-  options.virtual_size = size;
-  options.cluster_size = p.cluster_size;
-  options.compression = Compression::kZstd;
-  IoOptions io;
-  io.direct_io = p.direct_io;
-  io.write_cache = p.cache;
+  IoOptions io = ModeIo(p);
   io.write_cache_bytes = 4 * p.cluster_size;  // small: writers must wait for each other
   io.metadata_cache_bytes = 1;                // minimum: forces flushes while writing
-  auto created = Image::Create(path, options, io);
+  auto created =
+      Image::Create(path, ImageOptions(size, p.cluster_size, Compression::kZstd), io);
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   auto image = std::move(created).value();
 
@@ -125,17 +135,13 @@ TEST_P(ConcurrentPartialWriteTest, WritesToDisjointPartsOfOneClusterAllLand) {
   const Params p = GetParam();
   TempDir dir;
   const std::string path = dir.File("partial.qcow2");
-  CreateOptions options;
-  options.virtual_size = 16ull << 20;
-  options.cluster_size = p.cluster_size;
-  IoOptions io;
-  io.direct_io = p.direct_io;
-  io.write_cache = p.cache;
-  auto created = Image::Create(path, options, io);
+  const uint64_t size = 16ull << 20;
+  auto created =
+      Image::Create(path, ImageOptions(size, p.cluster_size, Compression::kZlib), ModeIo(p));
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   Image& image = **created;
   const uint64_t cluster = image.cluster_size();
-  const uint64_t clusters = options.virtual_size / cluster;
+  const uint64_t clusters = size / cluster;
   const std::vector<uint8_t> a(4096, 0xaa), b(4096, 0xbb);
   std::barrier start_together(2);
   auto writer = [&](const std::vector<uint8_t>& piece, uint64_t in_cluster) {
@@ -177,15 +183,10 @@ TEST_P(NormalClusterRewriteTest, LastWriteWinsBeforeAndAfterFlush) {
   const std::string path = dir.File("rewrite.qcow2");
   const uint64_t clusters = 24;
   const uint64_t size = clusters * p.cluster_size - 1536;  // last cluster partial (if > 2 KiB)
-  CreateOptions options;
-  options.virtual_size = size;
-  options.cluster_size = p.cluster_size;
-  options.compression = Compression::kZlib;
-  IoOptions io;
-  io.direct_io = p.direct_io;
-  io.write_cache = p.cache;
+  IoOptions io = ModeIo(p);
   io.write_cache_bytes = 4 * p.cluster_size;
-  auto created = Image::Create(path, options, io);
+  auto created =
+      Image::Create(path, ImageOptions(size, p.cluster_size, Compression::kZlib), io);
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   auto image = std::move(created).value();
   RawTwin raw(dir.File("rewrite.raw"), size);
