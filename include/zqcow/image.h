@@ -41,10 +41,10 @@ struct IoOptions {
   bool direct_io = false;               // O_DIRECT on the image file
   bool use_io_uring = true;             // when the kernel allows it
   // Compressed write cache (see src/qcow2/compressed_write_cache.h). kAuto = on for
-  // O_DIRECT files, off for buffered ones.
+  // O_DIRECT files and with drop_page_cache, off for other buffered ones.
   enum class WriteCache : uint8_t { kAuto, kOn, kOff } write_cache = WriteCache::kAuto;
   size_t write_cache_bytes = 64ull * 65536;  // rounded to whole clusters (at least 1)
-  bool drop_page_cache = false;         // buffered + fadvise(DONTNEED) after each cluster
+  bool drop_page_cache = false;         // buffered + fadvise(DONTNEED) after each write
   size_t metadata_cache_bytes = 8u << 20;  // L2 tables + refcount blocks held in memory
 };
 

@@ -33,7 +33,9 @@ CompressedWriteCache::Options CacheOptions(const IoOptions& io, bool direct_io,
       options.enabled = false;
       break;
     case IoOptions::WriteCache::kAuto:
-      options.enabled = direct_io;
+      // Dropping written data from the page cache costs a sync per write: with the cache
+      // that is one per finished run of host clusters, not one per compressed cluster.
+      options.enabled = direct_io || io.drop_page_cache;
       break;
   }
   options.max_clusters = std::max<size_t>(1, io.write_cache_bytes / cluster_size);
