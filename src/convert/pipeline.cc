@@ -90,8 +90,8 @@ class Pipeline {
         chunk_bytes_(std::max<uint64_t>(kChunkBytes, read_unit_)),
         window_bytes_(AlignUp(kScanWindowBytes, chunk_bytes_)),
         compressors_(std::move(compressors)),
-        workers_(Workers(options.workers, compressors_, source.parallel_reads())),
         compress_(compressors_.front() != nullptr),
+        workers_(Workers(options.workers, compressors_.size(), compress_, source.parallel_reads())),
         shared_compressors_(compress_ && workers_ > compressors_.size()),
         pool_(PoolChunks(chunk_bytes_, workers_), chunk_bytes_,
               std::max<size_t>(io::kBufferAlignment, source.read_alignment())),
@@ -111,10 +111,9 @@ class Pipeline {
   // source themselves: otherwise they would just take turns with the compressors (each
   // hand-over a wake-up and a switch; 4 workers sharing 2 zstd compressors took 1.3 s
   // where 2 took 1.1 s).
-  static size_t Workers(size_t requested, const auto& compressors, bool workers_read) {
-    if (requested == 0) return compressors.size();
-    const bool compress = compressors.front() != nullptr;
-    if (compress && !workers_read) return std::min(requested, compressors.size());
+  static size_t Workers(size_t requested, size_t compressors, bool compress, bool workers_read) {
+    if (requested == 0) return compressors;
+    if (compress && !workers_read) return std::min(requested, compressors);
     return requested;
   }
   static size_t PoolChunks(size_t chunk_bytes, size_t workers) {
@@ -194,8 +193,8 @@ class Pipeline {
   const uint64_t chunk_bytes_;  // a multiple of read_unit_
   const uint64_t window_bytes_;
   std::vector<std::unique_ptr<codec::Compressor>> compressors_;
-  const size_t workers_;
   const bool compress_;             // false: every cluster is stored as is
+  const size_t workers_;
   const bool shared_compressors_;   // workers take a compressor per run (more workers)
   ChunkPool pool_;
   const size_t batch_limit_;

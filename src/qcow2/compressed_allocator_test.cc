@@ -32,6 +32,7 @@ class RecordingCache : public CompressedWriteCache {
   Status Read(uint64_t, std::span<uint8_t>) override { return Status::OK(); }
   void Discard(uint64_t) override {}
   Status error() const override { return Status::OK(); }
+  bool enabled() const override { return true; }
   Stats stats() const override { return {}; }
 
   std::vector<std::pair<uint64_t, uint32_t>> ends;

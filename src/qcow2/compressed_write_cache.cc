@@ -286,6 +286,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     }
   }
 
+  bool enabled() const override { return options_.enabled; }
+
   Status error() const override {
     std::lock_guard lock(mutex_);
     return error_;
@@ -404,19 +406,23 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     return UnitChanged(lock, unit_offset, unit);
   }
 
-  // REQUIRES: mutex_ held through `lock`; *unit changed and is not being written.
-  // Queues it when it became finished (or writes it at once without a writer thread);
-  // takes it out of the queue when it is no longer finished. Returns the sticky error.
+  // REQUIRES: mutex_ held through `lock` (held again on return); *unit changed and is not
+  // being written. Queues it when it became finished (and, without a writer thread, writes
+  // it at once: nothing else is ever queued then); takes it out of the queue when it is no
+  // longer finished. Returns the sticky error.
   Status UnitChanged(std::unique_lock<std::mutex>& lock, uint64_t unit_offset, Unit* unit) {
     const bool finished = UnitFinished(*unit);
     if (unit->ready && !finished) {
       ready_.erase(unit_offset);
       unit->ready = false;
     } else if (!unit->ready && finished) {
-      if (!HaveWriterThread()) return WriteFinishedUnit(lock, unit_offset, unit);
       unit->ready = true;
       ready_.insert(unit_offset);
-      work_.notify_one();
+      if (HaveWriterThread()) {
+        work_.notify_one();
+      } else {
+        WriteReadyBatch(lock);
+      }
     }
     return error_;
   }
@@ -475,13 +481,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       size_t i = 0;
       while (status.ok() && i < items.size()) {
         const Item& first = items[i];
-        if (first.plan.read_first) {
-          status = WriteUnit(first.plan, *first.unit);
-          ++i;
-          continue;
-        }
         size_t end = i + 1;
-        while (end < items.size() && !items[end].plan.read_first &&
+        while (!first.plan.read_first && end < items.size() && !items[end].plan.read_first &&
                items[end - 1].plan.length == unit_size_ &&
                items[end].offset == items[end - 1].offset + unit_size_) {
           ++end;
@@ -492,20 +493,19 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
           // Every join buffer is in use by another writer: write the units one by one.
           if (joined.data() == nullptr) end = i + 1;
         }
-        size_t length = 0;
         if (end - i == 1) {
-          length = first.plan.length;
-          status = file_->WriteAt(first.offset, first.unit->buffer.data(), length);
+          status = WriteUnit(first.plan, *first.unit);
         } else {
+          size_t length = 0;
           for (size_t k = i; k < end; ++k) {
             std::memcpy(joined.data() + length, items[k].unit->buffer.data(), items[k].plan.length);
             length += items[k].plan.length;
           }
           status = file_->WriteAt(first.offset, joined.data(), length);
           ReturnJoinBuffer(std::move(joined));
-        }
-        if (status.ok() && options_.drop_page_cache) {
-          (void)file_->DropCache(first.offset, length);  // a hint only
+          if (status.ok() && options_.drop_page_cache) {
+            (void)file_->DropCache(first.offset, length);  // a hint only
+          }
         }
         i = end;
       }
@@ -529,30 +529,6 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     for (auto& unit : doomed) ReturnUnitBuffer(std::move(unit->buffer));
     doomed.clear();  // freed outside the lock
     lock.lock();
-  }
-
-  // REQUIRES: mutex_ held through `lock`; *unit is finished and not being written.
-  // Writes it (outside the lock), drops it and wakes waiters. Returns the sticky error.
-  Status WriteFinishedUnit(std::unique_lock<std::mutex>& lock, uint64_t unit_offset, Unit* unit) {
-    const WritePlan plan = PlanWrite(unit_offset, *unit);
-    unit->writing = true;
-    lock.unlock();
-    const Status status = WriteUnit(plan, *unit);
-    lock.lock();
-    if (status.ok()) {
-      ++stats_.clusters_written_whole;
-    } else if (error_.ok()) {
-      error_ = status;
-    }
-    auto it = units_.find(unit_offset);
-    assert(it != units_.end() && it->second.get() == unit);
-    std::unique_ptr<Unit> doomed = std::move(it->second);
-    units_.erase(it);
-    changed_.notify_all();
-    Status result = error_;
-    lock.unlock();
-    ReturnUnitBuffer(std::move(doomed->buffer));
-    return result;  // `doomed` is freed outside the lock
   }
 
   // A zero-filled buffer for a unit: a recycled one when there is one. Units come and go

@@ -134,6 +134,8 @@ class CompressedWriteCache {
 
   // The sticky error, OK if none.
   virtual Status error() const = 0;
+  // Options::enabled: false when every piece is written on its own, at once.
+  virtual bool enabled() const = 0;
   virtual Stats stats() const = 0;
 };
 

@@ -62,13 +62,11 @@ Qcow2Image::Qcow2Image(Parts parts)
       writable_(parts.writable),
       file_size_at_open_(parts.file_size),
       header_cluster_(std::move(parts.header_cluster)) {
-  const CompressedWriteCache::Options cache_options =
-      CacheOptions(parts.io, file_->direct_io(), cluster_size_);
-  write_cache_enabled_ = cache_options.enabled;
-  cache_normal_clusters_ =
-      write_cache_enabled_ && cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
-  write_cache_ = CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
-                                              cache_options);
+  write_cache_ =
+      CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
+                                   CacheOptions(parts.io, file_->direct_io(), cluster_size_));
+  cache_normal_clusters_ = write_cache_->enabled() &&
+                           cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
                                                     static_cast<uint32_t>(cluster_size_));
   cluster_map_ =
@@ -495,7 +493,7 @@ Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> cluste
                                        std::span<const HostOffset> hosts) {
   // Per-thread scratch for runs whose pieces are not adjacent in memory.
   thread_local std::vector<uint8_t> staging;
-  if (!write_cache_enabled_) {
+  if (!write_cache_->enabled()) {
     for (size_t i = 0; i < clusters.size(); ++i) {
       ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[i].value(), clusters[i].data));
     }

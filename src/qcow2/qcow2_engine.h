@@ -172,7 +172,6 @@ class Qcow2Image final : public Image {
   const bool writable_;
   const uint64_t file_size_at_open_;
   std::unique_ptr<CompressedWriteCache> write_cache_;
-  bool write_cache_enabled_ = false;  // set once by the constructor
   // Normal (uncompressed) clusters go through the write cache too, so workers never wait
   // for their writes: the cache is on and a cluster is a whole number of the file's
   // alignment blocks (a smaller cluster would share a block with metadata). Set once.
