@@ -27,6 +27,7 @@ namespace {
 using testing::CompressCluster;
 using testing::CreateFaultyImage;
 using testing::ExpectCleanAndEqual;
+using testing::ImageOptions;
 using testing::NewCompressor;
 using testing::RawTwin;
 using zqcow::testing::DataKind;
@@ -96,10 +97,7 @@ TEST_P(BatchWriteTest, ConcurrentRandomBatchesPassCheckAndCompare) {
   TempDir dir;
   const std::string path = dir.File("batch.qcow2");
   const uint64_t size = p.clusters * p.cluster_size - p.cluster_size / 2;  // partial last
-  CreateOptions options;
-  options.virtual_size = size;
-  options.cluster_size = p.cluster_size;
-  options.compression = p.compression;
+  CreateOptions options = ImageOptions(size, p.cluster_size, p.compression);
   options.refcount_bits = p.refcount_bits;
   IoOptions io;
   io.direct_io = p.direct_io;

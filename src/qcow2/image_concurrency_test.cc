@@ -21,6 +21,7 @@ namespace zqcow::qcow2 {
 namespace {
 
 using testing::ExpectCleanAndEqual;
+using testing::ImageOptions;
 using testing::NewCompressor;
 using testing::RawTwin;
 using zqcow::testing::DataKind;
@@ -34,14 +35,6 @@ struct Params {
   IoOptions::WriteCache cache;
   uint32_t cluster_size;
 };
-
-CreateOptions ImageOptions(uint64_t size, uint32_t cluster_size, Compression compression) {
-  CreateOptions options;
-  options.virtual_size = size;
-  options.cluster_size = cluster_size;
-  options.compression = compression;
-  return options;
-}
 
 IoOptions ModeIo(const Params& p) {
   IoOptions io;

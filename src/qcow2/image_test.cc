@@ -137,13 +137,10 @@ TEST_P(GroupedReadTest, EveryLayoutReadsBackIdentically) {
   const std::string path = dir.File("g.qcow2");
   const uint64_t clusters = 300;
   const uint64_t size = clusters * cluster_size;
-  CreateOptions options;
-  options.virtual_size = size;
-  options.cluster_size = cluster_size;
-  options.compression = Compression::kZstd;
   IoOptions io;
   io.direct_io = direct_io;
-  auto created = Image::Create(path, options, io);
+  auto created =
+      Image::Create(path, qcow2::testing::ImageOptions(size, cluster_size, Compression::kZstd), io);
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   auto image = std::move(created).value();
   RawTwin raw(dir.File("g.raw"), size);

@@ -22,6 +22,15 @@
 
 namespace zqcow::qcow2::testing {
 
+// Create options for an image of `size` bytes with the given geometry (other fields default).
+inline CreateOptions ImageOptions(uint64_t size, uint32_t cluster_size, Compression compression) {
+  CreateOptions options;
+  options.virtual_size = size;
+  options.cluster_size = cluster_size;
+  options.compression = compression;
+  return options;
+}
+
 // A raw twin of an image: every write goes to both; Save() writes it to disk.
 class RawTwin {
  public:
