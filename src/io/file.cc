@@ -6,8 +6,12 @@
 
 #include <liburing.h>
 
+#include <algorithm>
+
 #include <cstdlib>
 #include <cstring>
+
+#include "io/aligned_buffer.h"
 
 namespace zqcow::io {
 
@@ -38,6 +42,24 @@ Status File::WriteBatch(std::span<const IoRequest> requests) {
   for (const IoRequest& request : requests) {
     ZQ_RETURN_IF_ERROR(WriteAt(request.offset, request.buffer, request.length));
   }
+  return Status::OK();
+}
+
+Status ReadAnyRange(File& file, uint64_t offset, std::span<uint8_t> out) {
+  if (out.empty()) return Status::OK();
+  const size_t alignment = std::max<size_t>(file.alignment(), 1);
+  const bool aligned = offset % alignment == 0 && out.size() % alignment == 0 &&
+                       reinterpret_cast<uintptr_t>(out.data()) % alignment == 0;
+  if (!file.direct_io() || aligned) {
+    Result<size_t> read = file.ReadAt(offset, out.data(), out.size());
+    return read.ok() ? Status::OK() : read.status();
+  }
+  const uint64_t start = AlignDown(offset, alignment);
+  const uint64_t end = AlignUp(offset + out.size(), alignment);
+  AlignedBuffer bounce(end - start, std::max(alignment, kBufferAlignment));
+  Result<size_t> read = file.ReadAt(start, bounce.data(), bounce.size());
+  if (!read.ok()) return read.status();
+  std::memcpy(out.data(), bounce.data() + (offset - start), out.size());
   return Status::OK();
 }
 

@@ -83,6 +83,11 @@ struct FileOptions {
 // "<path>: open failed: <strerror>". REQUIRES: truncate only together with writable.
 Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOptions& options);
 
+// Reads any range (offset, length and buffer unaligned) of `file`: directly when the file
+// is buffered or the range happens to be aligned, otherwise through an aligned bounce
+// buffer covering the range. Bytes past end of file read as zeros.
+Status ReadAnyRange(File& file, uint64_t offset, std::span<uint8_t> out);
+
 // True when io_uring can be set up in this process (probed once). ZQCOW_DISABLE_IO_URING=1
 // in the environment makes it false (read on every call), so tests and users can force the
 // plain loop; the results are the same either way.

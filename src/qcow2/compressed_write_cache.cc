@@ -671,20 +671,7 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
 
   // Reads from the file; through an aligned bounce buffer when it is O_DIRECT.
   Status ReadFile(uint64_t host_offset, std::span<uint8_t> out) {
-    if (out.empty()) return Status::OK();
-    const bool aligned = host_offset % alignment_ == 0 && out.size() % alignment_ == 0 &&
-                         reinterpret_cast<uintptr_t>(out.data()) % alignment_ == 0;
-    if (!file_->direct_io() || aligned) {
-      Result<size_t> read = file_->ReadAt(host_offset, out.data(), out.size());
-      return read.ok() ? Status::OK() : read.status();
-    }
-    const uint64_t start = io::AlignDown(host_offset, alignment_);
-    const uint64_t end = io::AlignUp(host_offset + out.size(), alignment_);
-    io::AlignedBuffer bounce(end - start, std::max(alignment_, io::kBufferAlignment));
-    Result<size_t> read = file_->ReadAt(start, bounce.data(), bounce.size());
-    if (!read.ok()) return read.status();
-    std::memcpy(out.data(), bounce.data() + (host_offset - start), out.size());
-    return Status::OK();
+    return io::ReadAnyRange(*file_, host_offset, out);
   }
 
   io::File* const file_;
