@@ -370,6 +370,48 @@ TEST_F(CliTest, InfoAgreesWithQemuImg) {
   EXPECT_NE(human.output.find("compression type: zstd"), std::string::npos) << human.output;
 }
 
+// An overlay with internal snapshots: info lists the backing file and the snapshots as
+// qemu-img does; convert and compare read through the chain.
+TEST_F(CliTest, OverlaysWithSnapshotsAreReadLikeQemuImg) {
+  ConvertOk("-c");
+  const std::string overlay = dir_.File("overlay.qcow2");
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 -F qcow2 -b " + Q(target_) + " " + Q(overlay))
+                .exit_code,
+            0);
+  ASSERT_EQ(RunCommand("qemu-io -f qcow2 -c 'write -P 7 64k 128k' " + Q(overlay)).exit_code, 0);
+  ASSERT_EQ(RunCommand("qemu-img snapshot -c first " + Q(overlay)).exit_code, 0);
+  ASSERT_EQ(RunCommand("qemu-io -f qcow2 -c 'write -P 8 0 4k' " + Q(overlay)).exit_code, 0);
+  ASSERT_EQ(RunCommand("qemu-img snapshot -c second " + Q(overlay)).exit_code, 0);
+
+  CommandResult ours = Zqcow("info --output=json " + Q(overlay));
+  ASSERT_EQ(ours.exit_code, 0) << ours.output;
+  CommandResult qemu = RunCommand("qemu-img info --output=json " + Q(overlay));
+  ASSERT_EQ(qemu.exit_code, 0) << qemu.output;
+  auto a = ParseJson(ours.output);
+  auto b = ParseJson(qemu.output);
+  EXPECT_EQ(a["backing-filename"], b["backing-filename"]);
+  EXPECT_EQ(a["backing-filename-format"], b["backing-filename-format"]);
+  ASSERT_EQ(a["snapshots"].size(), 2u) << ours.output;
+  for (size_t i = 0; i < 2; ++i) {
+    for (const char* key : {"id", "name", "date-sec", "date-nsec", "vm-state-size"}) {
+      EXPECT_EQ(a["snapshots"][i][key], b["snapshots"][i][key]) << key;
+    }
+  }
+  CommandResult human = Zqcow("info " + Q(overlay));
+  EXPECT_NE(human.output.find("Snapshot list:"), std::string::npos) << human.output;
+  EXPECT_NE(human.output.find("second"), std::string::npos) << human.output;
+
+  const std::string flat = dir_.File("flat.qcow2");
+  CommandResult converted = Zqcow("convert -c -T none -t none " + Q(overlay) + " " + Q(flat));
+  ASSERT_EQ(converted.exit_code, 0) << converted.output;
+  EXPECT_EQ(RunCommand("qemu-img compare " + Q(overlay) + " " + Q(flat)).exit_code, 0);
+  EXPECT_EQ(Zqcow("compare " + Q(overlay) + " " + Q(flat)).exit_code, 0);
+  EXPECT_EQ(Zqcow("compare " + Q(overlay) + " " + Q(target_)).exit_code, 1);
+  EXPECT_EQ(RunCommand("qemu-img check " + Q(flat)).exit_code, 0);
+  // The overlay itself checks clean for both tools.
+  EXPECT_EQ(Zqcow("check " + Q(overlay)).exit_code, 0);
+}
+
 // Merges adjacent map entries with the same present/zero/data flags (qemu-img and zqcow may
 // split differently), keeping "offset" only when asked to and contiguous.
 std::vector<nlohmann::json> Normalize(const nlohmann::json& list, bool keep_offsets) {

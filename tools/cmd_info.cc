@@ -5,6 +5,8 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+
+#include <ctime>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -66,6 +68,21 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format, cons
   j["dirty-flag"] = info->dirty;
   j["incomplete"] = info->dirty;
   if (!info->backing_file.empty()) j["backing-filename"] = info->backing_file;
+  if (!info->backing_format.empty()) j["backing-filename-format"] = info->backing_format;
+  if (!info->snapshots.empty()) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const SnapshotInfo& snapshot : info->snapshots) {
+      list.push_back({{"id", snapshot.id},
+                      {"name", snapshot.name},
+                      {"vm-state-size", snapshot.vm_state_size},
+                      {"date-sec", snapshot.date_sec},
+                      {"date-nsec", snapshot.date_nsec},
+                      {"vm-clock-sec", snapshot.vm_clock_nsec / 1000000000},
+                      {"vm-clock-nsec", snapshot.vm_clock_nsec % 1000000000},
+                      {"icount", snapshot.icount}});
+    }
+    j["snapshots"] = std::move(list);
+  }
   nlohmann::json data;
   data["compat"] = info->version >= 3 ? "1.1" : "0.10";
   data["compression-type"] = CompressionName(info->compression);
@@ -85,6 +102,27 @@ void PrintHuman(const std::string& path, const std::string& format, const FileSi
   if (info == nullptr) return;
   fmt::print("cluster_size: {}\n", info->cluster_size);
   if (!info->backing_file.empty()) fmt::print("backing file: {}\n", info->backing_file);
+  if (!info->backing_format.empty()) {
+    fmt::print("backing file format: {}\n", info->backing_format);
+  }
+  if (!info->snapshots.empty()) {
+    fmt::print("Snapshot list:\n");
+    fmt::print("{:<10}{:<18}{:>7}{:>20}{:>13}{:>11}\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+               "ICOUNT");
+    for (const SnapshotInfo& snapshot : info->snapshots) {
+      const time_t date = snapshot.date_sec;
+      struct tm tm_date;
+      localtime_r(&date, &tm_date);
+      char date_text[32];
+      strftime(date_text, sizeof(date_text), "%Y-%m-%d %H:%M:%S", &tm_date);
+      const uint64_t clock_ms = snapshot.vm_clock_nsec / 1000000;
+      const std::string clock = fmt::format("{:02}:{:02}:{:02}.{:03}", clock_ms / 3600000,
+                                            clock_ms / 60000 % 60, clock_ms / 1000 % 60,
+                                            clock_ms % 1000);
+      fmt::print("{:<10}{:<18}{:>7}{:>20}{:>13}{:>11}\n", snapshot.id, snapshot.name,
+                 HumanSize(snapshot.vm_state_size), date_text, clock, snapshot.icount);
+    }
+  }
   fmt::print("Format specific information:\n");
   fmt::print("    compat: {}\n", info->version >= 3 ? "1.1" : "0.10");
   fmt::print("    compression type: {}\n", CompressionName(info->compression));

@@ -30,6 +30,7 @@ struct MapArgs {
 struct MapEntry {
   uint64_t start = 0;
   uint64_t length = 0;
+  uint32_t depth = 0;
   bool present = false;
   bool zero = false;
   bool data = false;
@@ -39,7 +40,7 @@ struct MapEntry {
   uint64_t end() const { return start + length; }
   // Whether `next` (which starts at end()) continues this entry.
   bool Continues(const MapEntry& next) const {
-    if (next.start != end() || present != next.present || zero != next.zero || data != next.data ||
+    if (next.start != end() || depth != next.depth || present != next.present || zero != next.zero || data != next.data ||
         compressed != next.compressed || offset.has_value() != next.offset.has_value()) {
       return false;
     }
@@ -51,6 +52,7 @@ MapEntry ToEntry(const MapExtent& extent, bool raw) {
   MapEntry entry;
   entry.start = extent.guest_offset;
   entry.length = extent.length;
+  entry.depth = extent.depth;
   switch (extent.kind) {
     case MapExtent::Kind::kUnallocated:
       entry.zero = true;
@@ -99,7 +101,7 @@ nlohmann::json MapJson(const std::vector<MapEntry>& entries) {
     nlohmann::json j;
     j["start"] = e.start;
     j["length"] = e.length;
-    j["depth"] = 0;
+    j["depth"] = e.depth;
     j["present"] = e.present;
     j["zero"] = e.zero;
     j["data"] = e.data;
@@ -115,7 +117,12 @@ void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
   for (const MapEntry& e : entries) {
     if (!e.data) continue;
     std::string mapped = e.offset ? fmt::format("{:#x}", *e.offset) : "compressed";
-    fmt::print("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, mapped, path);
+    if (e.depth == 0) {
+      fmt::print("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, mapped, path);
+    } else {
+      fmt::print("{:<#16x}{:<#16x}{:<16}{} (backing file at depth {})\n", e.start, e.length,
+                 mapped, path, e.depth);
+    }
   }
 }
 

@@ -107,11 +107,6 @@ Result<std::unique_ptr<GuestSource>> GuestSource::Open(const std::string& path,
     OpenOptions options;
     options.writable = false;
     ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image, Image::Open(path, options));
-    if (!image->Info().backing_file.empty()) {
-      (void)image->Close();
-      return Status::NotSupported(
-          fmt::format("{}: images with a backing file are not supported", path));
-    }
     return std::unique_ptr<GuestSource>(new Qcow2Source(path, std::move(image)));
   }
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -25,8 +25,8 @@ struct ByteRange {
 
 class GuestSource {
  public:
-  // `format` is "raw" or "qcow2" (see ResolveFormat). qcow2 images with a backing file are
-  // kNotSupported (their unallocated ranges would not read as zeros).
+  // `format` is "raw" or "qcow2" (see ResolveFormat). A qcow2 image reads through its
+  // backing chain.
   static Result<std::unique_ptr<GuestSource>> Open(const std::string& path,
                                                    const std::string& format);
   virtual ~GuestSource() = default;

@@ -1,7 +1,10 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
 // A qcow2 image (version 3; version 2 readable and writable as is). Create, open, read any
-// guest range, write normal or pre-compressed clusters, discard, flush, close.
+// guest range, write normal or pre-compressed clusters, discard, flush, close. Opened
+// read-only, an image reads through its backing chain (qcow2 and raw backing files) and
+// may have internal snapshots (the active state is read); opened writable, it may have
+// neither.
 //
 // Threading: every method may be called from several threads at once; metadata updates are
 // serialised inside, data I/O runs in parallel. WriteCompressed is built for many workers
@@ -53,12 +56,28 @@ struct OpenOptions {
   IoOptions io;
 };
 
-// What a guest range is, as qemu-img map would say.
+// What a guest range is, as qemu-img map would say. An image with a backing file maps the
+// ranges it leaves unallocated through its backing chain: `depth` says which file of the
+// chain the extent comes from (0 = the image itself, 1 = its backing file, ...), and
+// host_offset is an offset in that file. kUnallocated at depth d: no file down to d has
+// the range (depth 0 also beyond the backing file's size); it reads as zeros.
 struct MapExtent {
   uint64_t guest_offset = 0;
   uint64_t length = 0;
   enum class Kind : uint8_t { kUnallocated, kZero, kData, kCompressed } kind = Kind::kUnallocated;
   uint64_t host_offset = 0;  // kData: host offset of guest_offset; kCompressed: descriptor's
+  uint32_t depth = 0;
+};
+
+// An internal snapshot, as `qemu-img info` lists it.
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t icount = 0;  // 0 when the entry does not record it
 };
 
 struct ImageInfo {
@@ -71,7 +90,9 @@ struct ImageInfo {
   uint64_t file_size = 0;
   bool dirty = false;        // not closed cleanly: an interrupted write, "incomplete"
   bool corrupt = false;      // the corrupt bit (incompatible feature bit 1) is set
-  std::string backing_file;  // empty when none
+  std::string backing_file;    // empty when none
+  std::string backing_format;  // the backing format header extension; empty when none
+  std::vector<SnapshotInfo> snapshots;  // ReadImageInfo only (Image::Info leaves it empty)
 };
 
 // One guest cluster for Image::WriteCompressedBatch.

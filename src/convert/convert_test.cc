@@ -225,6 +225,47 @@ TEST(ConvertTest, Qcow2SourceConvertsEqual) {
   }
 }
 
+// An overlay converts to a standalone image of what the guest sees through the chain (as
+// qemu-img convert does); what is unallocated all the way down is neither read nor
+// allocated.
+TEST(ConvertTest, OverlaySourceConvertsTheWholeChain) {
+  ASSERT_TRUE(testing::HaveQemu());
+  TempDir dir;
+  const std::string raw = dir.File("base.raw");
+  const std::string base = dir.File("base.qcow2");
+  const std::string top = dir.File("top.qcow2");
+  const std::string target = dir.File("target.qcow2");
+  const uint64_t size = 4 * kMiB;
+  testing::WriteRawImage(raw, size, DataKind::kMixed, 78);
+  auto run = [](const std::string& command) {
+    testing::CommandResult r = testing::RunCommand(command);
+    ASSERT_EQ(r.exit_code, 0) << command << "\n" << r.output;
+  };
+  run("qemu-img convert -c -f raw -O qcow2 " + testing::ShellQuote(raw) + " " +
+      testing::ShellQuote(base));
+  // A larger overlay: its last 2 MiB lie beyond the backing file.
+  run("qemu-img create -q -f qcow2 -F qcow2 -b " + testing::ShellQuote(base) + " " +
+      testing::ShellQuote(top) + " 6M");
+  run("qemu-io -f qcow2 -c 'write -P 0x5a 1M 192k' -c 'write -z 2M 128k' -c 'write -P 0x5b 5M 64k' " +
+      testing::ShellQuote(top));
+  for (bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "direct source" : "buffered source");
+    ConvertOptions options;
+    options.compression = Compression::kZstd;
+    options.source_direct_io = direct;
+    options.overwrite = true;
+    Result<ConvertStats> stats = Convert(top, target, options);
+    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+    ExpectQemuAgrees(top, "qcow2", target);
+    auto info = Image::Open(target, OpenOptions());
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ((*info)->Info().backing_file, "");
+    EXPECT_EQ(stats->virtual_size, 6 * kMiB);
+    // Only the base's data and the overlay's 64 KiB past it are read.
+    EXPECT_LT(stats->bytes_read, size + 64 * 1024);
+  }
+}
+
 TEST(ConvertTest, HugeSparseSourceReadsAboutItsData) {
   ASSERT_TRUE(testing::HaveQemu());
   TempDir dir;

@@ -1,7 +1,8 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// A qcow2 image as a Source, opened read-only through the public Image API: Map() tells
-// which guest ranges are unallocated or zero so they are skipped without reading.
+// A qcow2 image as a Source, opened read-only through the public Image API (which reads
+// through its backing chain): Map() tells which guest ranges are unallocated or zero in
+// the whole chain so they are skipped without reading.
 
 #include <algorithm>
 #include <cstring>
@@ -19,8 +20,7 @@ class Qcow2Source final : public Source {
   Qcow2Source(std::unique_ptr<Image> image, std::string path)
       : image_(std::move(image)),
         path_(std::move(path)),
-        size_(image_->virtual_size()),
-        has_backing_file_(!image_->Info().backing_file.empty()) {}
+        size_(image_->virtual_size()) {}
 
   ~Qcow2Source() override { (void)Close(); }
 
@@ -37,11 +37,8 @@ class Qcow2Source final : public Source {
     std::vector<ByteRange> ranges;
     const uint64_t end = std::min(offset + length, size_);
     if (offset >= end) return ranges;
-    // Unallocated clusters of an image with a backing file read from the backing file.
-    if (has_backing_file_) {
-      ranges.push_back({offset, end - offset});
-      return ranges;
-    }
+    // Map resolves unallocated clusters through the backing chain: data anywhere in it is
+    // kData or kCompressed; what is unallocated all the way down reads as zeros.
     ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> extents, image_->Map(offset, end - offset));
     for (const MapExtent& extent : extents) {
       if (extent.kind != MapExtent::Kind::kData && extent.kind != MapExtent::Kind::kCompressed) {
@@ -83,7 +80,6 @@ class Qcow2Source final : public Source {
   std::unique_ptr<Image> image_;
   const std::string path_;
   const uint64_t size_;
-  const bool has_backing_file_;
 };
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "format/endian.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "format/types.h"
 
 namespace zqcow::format {
@@ -39,8 +40,7 @@ constexpr uint32_t kHeaderAlignment = 8;        // header_length and extension p
 constexpr uint32_t kExtensionHeaderSize = 8;    // type u32 + length u32
 constexpr uint32_t kMaxBackingFileName = 1023;  // as QEMU
 constexpr uint32_t kV2RefcountOrder = 4;
-// QEMU's limits: L1 tables above 32 MiB and refcount tables above 8 MiB are refused.
-constexpr uint64_t kMaxL1Bytes = 32ull << 20;
+// QEMU's limit: refcount tables above 8 MiB are refused (for L1 tables see header.h).
 constexpr uint64_t kMaxRefcountTableBytes = 8ull << 20;
 constexpr uint8_t kCompressionDeflate = 0;
 constexpr uint8_t kCompressionZstd = 1;
@@ -208,15 +208,10 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
     return Corrupt("refcount_order " + std::to_string(h.refcount_order) + " is above " +
                    std::to_string(kMaxRefcountOrder));
   }
-  if (h.nb_snapshots != 0) {
-    return Unsupported("nb_snapshots " + std::to_string(h.nb_snapshots) +
-                       ": images with internal snapshots are not supported");
-  }
-
   // L1 table.
-  if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes) {
+  if (uint64_t{h.l1_size} * 8 > kMaxL1TableBytes) {
     return Corrupt("l1_size " + std::to_string(h.l1_size) + " is above the limit of " +
-                   std::to_string(kMaxL1Bytes / 8) + " entries");
+                   std::to_string(kMaxL1TableBytes / 8) + " entries");
   }
   const uint64_t l1_needed = L1EntriesNeeded(h.size, h.cluster_bits);
   if (h.l1_size < l1_needed) {
@@ -239,6 +234,18 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
   }
   ZQ_RETURN_IF_ERROR(CheckTable("refcount_table_offset", h.refcount_table_offset, reftable_bytes,
                                 cluster_size, file_size));
+
+  // Snapshot table: only where it lies; its entries are parsed by format/snapshot.h. Every
+  // entry is at least kSnapshotEntryHeaderSize bytes, so that much must be in the file.
+  if (h.nb_snapshots > kMaxSnapshots) {
+    return Corrupt("nb_snapshots " + std::to_string(h.nb_snapshots) + " is above the limit of " +
+                   std::to_string(kMaxSnapshots));
+  }
+  if (h.nb_snapshots != 0) {
+    ZQ_RETURN_IF_ERROR(CheckTable("snapshots_offset", h.snapshots_offset,
+                                  uint64_t{h.nb_snapshots} * kSnapshotEntryHeaderSize, cluster_size,
+                                  file_size));
+  }
 
   // Extensions and backing file name live in the first cluster; the extension area ends
   // where the backing file name starts.

@@ -38,6 +38,9 @@ inline constexpr uint64_t kIncompatCompressionType = 1ull << 3;
 inline constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
 // The ones zqcow understands; any other set bit makes the image unopenable.
 inline constexpr uint64_t kIncompatSupported = kIncompatDirty | kIncompatCorrupt | kIncompatCompressionType;
+// QEMU's limit on an L1 table (the active one and every snapshot's): 32 MiB of entries.
+inline constexpr uint64_t kMaxL1TableBytes = 32ull << 20;
+
 // Compatible feature bits.
 inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
 
@@ -90,7 +93,12 @@ struct Header {
 // cluster, unknown incompatible bits, encryption, compression type unknown or its feature
 // bit inconsistent, L1/refcount table offsets unaligned, overlapping the header or past
 // end of file, L1 larger than the file could hold or than 32 MiB of entries, refcount table
-// larger than the file, snapshots, extensions that run past the cluster.
+// larger than the file, extensions that run past the cluster. Internal snapshots are
+// accepted; when nb_snapshots != 0 it must be at most kMaxSnapshots and snapshots_offset
+// must be cluster aligned, past the header cluster, with nb_snapshots minimal entries
+// (kSnapshotEntryHeaderSize bytes each) inside the file. The entries themselves are left to
+// ParseSnapshotTable (format/snapshot.h). With nb_snapshots == 0, snapshots_offset is
+// ignored, as QEMU does.
 // Backing files are parsed (name returned), not refused here; the caller decides.
 // Version 2 headers (72 bytes) parse with header_length 72, refcount_order 4, no feature
 // bits and compression type 0. Extensions run from header_length up to the backing file

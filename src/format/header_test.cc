@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "format/endian.h"
+#include "format/snapshot.h"
 #include "format/types.h"
 #include "testing/test_util.h"
 
@@ -251,6 +252,39 @@ TEST(HeaderTest, ParsesQemuBackingFileName) {
   }
 }
 
+TEST(HeaderTest, SnapshotsAreAccepted) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  TempDir dir;
+  const std::string path = dir.File("snap.qcow2");
+  auto r = RunCommand("qemu-img create -q -f qcow2 " + ShellQuote(path) + " 16M" +
+                      " && qemu-io -f qcow2 -c 'write -P 0x11 0 64k' " + ShellQuote(path) +
+                      " && qemu-img snapshot -c s1 " + ShellQuote(path) +
+                      " && qemu-img snapshot -c s2 " + ShellQuote(path));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::vector<uint8_t> file = ReadWholeFile(path);
+  auto h = ParseHeader(file, file.size());
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  EXPECT_EQ(h->nb_snapshots, 2u);
+  EXPECT_NE(h->snapshots_offset, 0u);
+  EXPECT_EQ(h->snapshots_offset % h->cluster_size(), 0u);
+  EXPECT_LT(h->snapshots_offset, file.size());
+
+  // The largest count QEMU allows, with a table that fits in the (claimed) file.
+  std::vector<uint8_t> most = file;
+  StoreBE32(most.data() + 60, kMaxSnapshots);
+  auto at_limit = ParseHeader(most, kBigFile);
+  ASSERT_TRUE(at_limit.ok()) << at_limit.status().ToString();
+  EXPECT_EQ(at_limit->nb_snapshots, kMaxSnapshots);
+
+  // Without snapshots, snapshots_offset is not looked at (QEMU ignores it too).
+  std::vector<uint8_t> none = file;
+  StoreBE32(none.data() + 60, 0);
+  StoreBE64(none.data() + 64, 0x123);
+  auto ignored = ParseHeader(none, none.size());
+  ASSERT_TRUE(ignored.ok()) << ignored.status().ToString();
+  EXPECT_EQ(ignored->snapshots_offset, 0x123u);
+}
+
 // Malformed headers: each mutates a valid qemu-img header and expects a code and the name
 // of the offending field in the message.
 struct MalformedCase {
@@ -295,8 +329,53 @@ const MalformedCase kMalformed[] = {
      Status::Code::kNotSupported, "extended L2"},
     {"encryption", [](auto& b, auto&) { Set32(b, 32, 2); }, Status::Code::kNotSupported,
      "crypt_method"},
-    {"snapshots", [](auto& b, auto&) { Set32(b, 60, 1); }, Status::Code::kNotSupported,
-     "nb_snapshots"},
+    // Snapshots are accepted (SnapshotsAreAccepted) but their table must be in place. The
+    // valid image: header, refcount table, refcount block, then the 16-byte L1 table at
+    // 0x30000, where the file ends.
+    {"snapshots_unaligned",
+     [](auto& b, auto&) {
+       Set32(b, 60, 1);
+       Set64(b, 64, 0x20008);
+     },
+     Status::Code::kCorruption, "snapshots_offset"},
+    {"snapshots_offset_zero", [](auto& b, auto&) { Set32(b, 60, 1); }, Status::Code::kCorruption,
+     "snapshots_offset"},
+    {"snapshots_in_header_cluster",
+     [](auto& b, auto&) {
+       Set32(b, 60, 1);
+       Set64(b, 64, 0x200);
+     },
+     Status::Code::kCorruption, "snapshots_offset"},
+    {"snapshots_past_eof",
+     [](auto& b, auto&) {
+       Set32(b, 60, 1);
+       Set64(b, 64, 0x100000);
+     },
+     Status::Code::kCorruption, "snapshots_offset"},
+    {"snapshots_offset_huge",
+     [](auto& b, auto&) {
+       Set32(b, 60, 1);
+       Set64(b, 64, 0xffffffffffff0000ull);
+     },
+     Status::Code::kCorruption, "snapshots_offset"},
+    {"snapshots_entries_run_past_eof",
+     [](auto& b, auto&) {
+       Set32(b, 60, 60000);  // 60000 entries of at least 40 bytes
+       Set64(b, 64, 0x30000);
+     },
+     Status::Code::kCorruption, "snapshots_offset"},
+    {"nb_snapshots_above_limit",
+     [](auto& b, auto&) {
+       Set32(b, 60, 65537);
+       Set64(b, 64, 0x30000);
+     },
+     Status::Code::kCorruption, "nb_snapshots"},
+    {"nb_snapshots_huge",
+     [](auto& b, auto&) {
+       Set32(b, 60, 0xffffffff);
+       Set64(b, 64, 0x30000);
+     },
+     Status::Code::kCorruption, "nb_snapshots"},
     {"cluster_bits_8", [](auto& b, auto&) { Set32(b, 20, 8); }, Status::Code::kCorruption,
      "cluster_bits"},
     {"cluster_bits_22", [](auto& b, auto&) { Set32(b, 20, 22); }, Status::Code::kCorruption,

@@ -8,15 +8,29 @@
 //    (normal and preallocated zero), every host cluster a compressed cluster's sectors
 //    touch, the refcount table and every refcount block. Check the entries on the way
 //    (reserved bits, alignment, COPIED flags against the on-disk refcounts).
+//    Internal snapshots add references of their own, as in QEMU: the snapshot table's
+//    clusters, and for every snapshot its L1 table, each L2 table once per L1 entry that
+//    points to it, and each data cluster once per L2 entry (so a cluster shared by the
+//    active state and two snapshots is referenced three times). Their entries get the same
+//    reserved-bit and alignment checks, but not the COPIED check: QEMU checks COPIED on the
+//    active tables only, where it must be set exactly when the on-disk refcount is 1. Nor
+//    do they count in allocated_clusters / compressed_clusters (the active state's figures).
 // 3. Compare: on disk lower than referenced = corruption, higher = leak.
 //
 // Memory: two 32-bit counters per host cluster of the FILE (never sized from a header
-// field), plus the L1 and refcount tables, which the header parser has checked to lie
-// inside the file. Files with more than kMaxCheckedClusters clusters are refused.
+// field), plus the refcount table, one L1 table at a time and the snapshot table, each
+// checked to lie inside the file and to be within QEMU's limits (8 MiB, 32 MiB, 64 MiB)
+// before it is read. Files with more than kMaxCheckedClusters clusters are refused.
 //
 // Deliberate differences from QEMU, all in images that are corrupt anyway: L2 tables at
 // unaligned offsets are reported but their entries are not followed, and an L2 table that
-// several L1 entries share is read once (its references count once per L1 entry).
+// several L1 entries of one L1 table share is read once (its references count once per L1
+// entry). A snapshot table QEMU cannot read makes qemu-img check fail outright (and one
+// whose entries run past end of file it reads as zeros); zqcow reports it as a corruption,
+// counts the table's smallest possible extent as referenced, and checks the rest of the
+// image without the snapshots. A snapshot whose L1 table is unaligned, too large or past
+// end of file is a corruption and its L1 table is not followed (QEMU follows one past end
+// of file, reading zeros).
 
 #include <algorithm>
 #include <cinttypes>
@@ -32,8 +46,10 @@
 #include "format/entries.h"
 #include "format/header.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "format/types.h"
 #include "io/file.h"
+#include "qcow2/backing.h"
 #include "qcow2/qcow2_image.h"
 #include "zqcow/image.h"
 
@@ -129,7 +145,8 @@ class Checker {
     ZQ_RETURN_IF_ERROR(ReadRefcountTable());
     ZQ_RETURN_IF_ERROR(ReadOnDiskRefcounts());
     Reference(0, cluster_size_);  // header
-    ZQ_RETURN_IF_ERROR(CheckL1AndL2());
+    ZQ_RETURN_IF_ERROR(CheckL1AndL2(header_.l1_table_offset, header_.l1_size, /*active=*/true));
+    ZQ_RETURN_IF_ERROR(CheckSnapshots());
     Reference(header_.refcount_table_offset, refcount_table_.size() * 8);
     CheckRefcountBlocks();
     CompareRefcounts();
@@ -228,16 +245,20 @@ class Checker {
     }
   }
 
-  Status CheckL1AndL2() {
-    if (header_.l1_size == 0) return Status::OK();
-    const uint64_t l1_bytes = uint64_t{header_.l1_size} * 8;
-    Reference(header_.l1_table_offset, l1_bytes);
-    std::vector<uint8_t> l1(l1_bytes);  // inside the file: ParseHeader checked
-    ZQ_RETURN_IF_ERROR(ReadExact(file_, header_.l1_table_offset, l1.data(), l1.size()));
+  // One L1 table and everything it references. `active`: the image's own L1 table (checks
+  // COPIED flags and counts the allocation figures), else a snapshot's.
+  // REQUIRES: the table is inside the file and at most kMaxL1TableBytes (ParseHeader or
+  // ValidateSnapshotL1Table checked).
+  Status CheckL1AndL2(uint64_t l1_offset, uint32_t l1_size, bool active) {
+    if (l1_size == 0) return Status::OK();
+    const uint64_t l1_bytes = uint64_t{l1_size} * 8;
+    Reference(l1_offset, l1_bytes);
+    std::vector<uint8_t> l1(l1_bytes);
+    ZQ_RETURN_IF_ERROR(ReadExact(file_, l1_offset, l1.data(), l1.size()));
 
     // L2 table offset -> number of L1 entries pointing at it.
     std::unordered_map<uint64_t, uint64_t> l2_tables;
-    for (uint64_t i = 0; i < header_.l1_size; ++i) {
+    for (uint64_t i = 0; i < l1_size; ++i) {
       const uint64_t raw = format::LoadBE64(&l1[i * 8]);
       if (raw == 0) continue;
       if (raw & format::kL1ReservedMask) {
@@ -251,8 +272,10 @@ class Checker {
                           l2_offset));
         continue;
       }
-      CheckCopied((raw & kEntryCopied) != 0, l2_offset,
-                  Format("L2 cluster (l1_index=%" PRIu64 ")", i).c_str(), raw);
+      if (active) {
+        CheckCopied((raw & kEntryCopied) != 0, l2_offset,
+                    Format("L2 cluster (l1_index=%" PRIu64 ")", i).c_str(), raw);
+      }
       ++l2_tables[l2_offset];
     }
 
@@ -263,13 +286,14 @@ class Checker {
       if (l2_offset >= file_size_) continue;  // reads as zeros: no entries
       ZQ_RETURN_IF_ERROR(ReadExact(file_, l2_offset, l2.data(), l2.size()));
       for (uint64_t j = 0; j < geometry_.l2_entries(); ++j) {
-        CheckL2Entry(format::LoadBE64(&l2[j * 8]), times);
+        CheckL2Entry(format::LoadBE64(&l2[j * 8]), times, active);
       }
     }
     return Status::OK();
   }
 
-  void CheckL2Entry(uint64_t raw, uint64_t times) {
+  // One L2 entry of a table that `times` L1 entries point to; `active` as in CheckL1AndL2.
+  void CheckL2Entry(uint64_t raw, uint64_t times, bool active) {
     if (raw == 0) return;
     if (raw & kEntryCompressed) {
       if (raw & kEntryCopied) {
@@ -283,8 +307,10 @@ class Checker {
         return;
       }
       Reference(entry->host_offset.value(), entry->compressed_span, times);
-      result_.allocated_clusters += times;
-      result_.compressed_clusters += times;
+      if (active) {
+        result_.allocated_clusters += times;
+        result_.compressed_clusters += times;
+      }
       return;
     }
     if (raw & format::kL2StandardReservedMask) {
@@ -297,9 +323,46 @@ class Checker {
                         ": %s cluster is not properly aligned; L2 entry corrupted",
                         offset, (raw & kEntryZero) ? "Preallocated" : "Data"));
     }
-    result_.allocated_clusters += times;
     Reference(offset, cluster_size_, times);
-    CheckCopied((raw & kEntryCopied) != 0, offset, "data cluster", raw);
+    if (active) {
+      result_.allocated_clusters += times;
+      CheckCopied((raw & kEntryCopied) != 0, offset, "data cluster", raw);
+    }
+  }
+
+  // The snapshot table and every snapshot's tables (see the file comment).
+  Status CheckSnapshots() {
+    if (header_.nb_snapshots == 0) return Status::OK();
+    auto table = format::ReadSnapshotTable(
+        header_, file_size_,
+        [this](uint64_t offset, std::span<uint8_t> buffer) {
+          return ReadExact(file_, offset, buffer.data(), buffer.size());
+        },
+        format::SnapshotL1Checks::kLeaveToCaller);
+    if (!table.ok()) {
+      if (!table.status().IsCorruption()) return table.status();
+      Corruption("ERROR " + table.status().message());
+      // Where the entries end is unknown; they take at least this much (inside the file:
+      // ParseHeader checked). The snapshots' own clusters will show as leaks.
+      Reference(header_.snapshots_offset,
+                uint64_t{header_.nb_snapshots} * format::kSnapshotEntryHeaderSize);
+      return Status::OK();
+    }
+    for (size_t i = 0; i < table->snapshots.size(); ++i) {
+      const format::Snapshot& snapshot = table->snapshots[i];
+      if (header_.version >= 3 && snapshot.extra_data_size < format::kSnapshotV3MinExtraData) {
+        Corruption(Format("ERROR snapshot table entry %zu is incomplete", i));
+      }
+      Status l1 = format::ValidateSnapshotL1Table(snapshot, i, geometry_, file_size_);
+      if (!l1.ok()) {
+        Corruption("ERROR " + l1.message());
+        continue;
+      }
+      ZQ_RETURN_IF_ERROR(
+          CheckL1AndL2(snapshot.l1_table_offset, snapshot.l1_size, /*active=*/false));
+    }
+    Reference(header_.snapshots_offset, table->byte_length);
+    return Status::OK();
   }
 
   void CheckRefcountBlocks() {
@@ -418,6 +481,19 @@ Result<ImageInfo> ReadImageInfo(const std::string& path) {
   info.dirty = (header.incompatible_features & format::kIncompatDirty) != 0;
   info.corrupt = (header.incompatible_features & format::kIncompatCorrupt) != 0;
   info.backing_file = header.backing_file;
+  info.backing_format = qcow2::BackingFormatOf(header);
+  io::File* raw_file = file.get();
+  auto table = format::ReadSnapshotTable(header, file_size,
+                                         [raw_file](uint64_t offset, std::span<uint8_t> buffer) {
+                                           return qcow2::ReadExact(raw_file, offset, buffer.data(),
+                                                            buffer.size());
+                                         });
+  if (!table.ok()) return table.status().WithPrefix(path);
+  for (const format::Snapshot& snapshot : table->snapshots) {
+    info.snapshots.push_back({snapshot.id, snapshot.name, snapshot.vm_state_size,
+                              snapshot.date_sec, snapshot.date_nsec, snapshot.vm_clock_nsec,
+                              snapshot.icount.value_or(0)});
+  }
   return info;
 }
 

@@ -1,15 +1,17 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// The checker against `qemu-img check`: images made by qemu-img/qemu-io check clean with the
-// same figures, and damaged copies get the same verdict (exit code 0 clean, 2 corruption,
-// 3 leaks only).
+// The checker against `qemu-img check`: images made by qemu-img/qemu-io (with and without
+// internal snapshots) check clean with the same figures, and damaged copies get the same
+// verdict (exit code 0 clean, 2 corruption, 3 leaks only).
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,7 @@
 #include "format/entries.h"
 #include "format/header.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "format/types.h"
 #include "io/file.h"
 #include "qcow2/qcow2_image.h"
@@ -511,6 +514,360 @@ TEST_F(DamagedImageTest, RandomMetadataDamageAgreesWithQemu) {
                                               << Messages(*ours) << "qemu: " << qemu.output;
   }
   EXPECT_GT(compared, 30);
+}
+
+// ---------------------------------------------------------------------------------------
+// Internal snapshots: references from the snapshot table, every snapshot's L1 table, its L2
+// tables and their data clusters count like the active state's, COPIED is checked on the
+// active tables only.
+
+// Reads the snapshot table of an image held in memory.
+format::SnapshotTable ReadTable(const std::vector<uint8_t>& file, const format::Header& header) {
+  auto table = format::ReadSnapshotTable(
+      header, file.size(), [&](uint64_t offset, std::span<uint8_t> buffer) {
+        std::copy_n(file.begin() + offset, buffer.size(), buffer.begin());
+        return Status::OK();
+      });
+  EXPECT_TRUE(table.ok()) << table.status().ToString();
+  return table.ok() ? *table : format::SnapshotTable{};
+}
+
+// Guest layout written around the snapshots (64 KiB clusters, "c" = compressed; QEMU
+// writes compressed clusters only where nothing is allocated, hence the discard):
+//   before s1:  0..256k 0x11, 1M c0x22, 2M..2M+256k c(varied)
+//   before s2:  64k 0x33, 1M 0x44 (over the compressed one), 1M+64k c0x45
+//   after s2:   128k 0x55, discard 2M, 2M c0x66, discard 192k, zero 3M, 4M 0x77
+// so guest cluster 0 is shared by the active state, s1 and s2 (refcount 3), 64k's second
+// version by the active state and s2, 128k's first by s1 and s2, 192k's by s1 and s2 only,
+// the compressed 0x22 by s1 only.
+const char* const kBeforeS1[] = {"write -P 0x11 0 256k", "write -c -P 0x22 1M 64k",
+                                 "write -c -s SRC 2M 256k"};
+const char* const kBeforeS2[] = {"write -P 0x33 64k 64k", "write -P 0x44 1M 64k",
+                                 "write -c -P 0x45 1088k 64k"};
+const char* const kAfterS2[] = {"write -P 0x55 128k 64k",  "discard 2M 64k",
+                                "write -c -P 0x66 2M 64k", "discard 192k 64k",
+                                "write -z 3M 64k",         "write -P 0x77 4M 64k"};
+
+// Creates the image above with `create_options` (a failing qemu command fails the test).
+void MakeSnapshotImage(const TempDir& dir, const std::string& image,
+                       const std::string& create_options) {
+  const std::string source = dir.File("varied.raw");
+  WriteWholeFile(source, VariedData(256 << 10, 65536, 3));
+  auto qemu_io = [&](const auto& commands) {
+    std::string args;
+    for (std::string cmd : commands) {
+      const size_t at = cmd.find("SRC");
+      if (at != std::string::npos) cmd.replace(at, 3, source);
+      args += " -c " + ShellQuote(cmd);
+    }
+    return "qemu-io -f qcow2" + args + " " + ShellQuote(image);
+  };
+  for (const std::string& command :
+       {"qemu-img create -q -f qcow2 -o " + create_options + " " + ShellQuote(image) + " 16M",
+        qemu_io(kBeforeS1), "qemu-img snapshot -c s1 " + ShellQuote(image), qemu_io(kBeforeS2),
+        "qemu-img snapshot -c s2 " + ShellQuote(image), qemu_io(kAfterS2)}) {
+    RunOrFail(command);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+class SnapshotCleanTest : public ::testing::TestWithParam<std::string> {};
+
+// The reference counting must include the snapshots: without them the clusters only the
+// snapshots use would be leaks and the shared ones would have refcounts above their
+// references.
+TEST_P(SnapshotCleanTest, ChecksCleanWithQemuFigures) {
+  ASSERT_TRUE(::zqcow::testing::HaveQemu());
+  TempDir dir;
+  const std::string image = dir.File("snap.qcow2");
+  ASSERT_NO_FATAL_FAILURE(MakeSnapshotImage(dir, image, GetParam()));
+  QemuCheck qemu = RunQemuCheck(image);
+  ASSERT_EQ(qemu.exit_code, kQemuClean) << qemu.output;
+  auto ours = CheckImage(image);
+  ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+  EXPECT_EQ(ours->corruptions, 0u) << Messages(*ours);
+  EXPECT_EQ(ours->leaks, 0u) << Messages(*ours);
+  EXPECT_TRUE(ours->messages.empty()) << Messages(*ours);
+  EXPECT_EQ(ours->allocated_clusters, JsonOr0(qemu.json, "allocated-clusters"));
+  EXPECT_EQ(ours->compressed_clusters, JsonOr0(qemu.json, "compressed-clusters"));
+  EXPECT_EQ(ours->image_end_offset, JsonOr0(qemu.json, "image-end-offset"));
+
+  // The image is what the test means: two snapshots, guest cluster 0 shared three ways.
+  const std::vector<uint8_t> file = ReadWholeFile(image);
+  const Layout layout = ReadLayout(file);
+  ASSERT_EQ(layout.header.nb_snapshots, 2u);
+  const uint64_t cluster0 = L2Raw(file, layout, 0) & format::kEntryOffsetMask;
+  std::vector<uint8_t> copy = file;
+  EXPECT_EQ(format::GetRefcount(RefcountBlock(copy, layout), cluster0 >> layout.header.cluster_bits,
+                                layout.header.refcount_order),
+            3u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Qemu, SnapshotCleanTest,
+                         ::testing::Values("cluster_size=65536", "cluster_size=4096",
+                                           "cluster_size=65536,compression_type=zstd",
+                                           "cluster_size=65536,compat=0.10",
+                                           "cluster_size=4096,refcount_bits=8"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           for (char& ch : name) {
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
+
+// Damaged copies of one snapshot image.
+class SnapshotDamageTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(::zqcow::testing::HaveQemu());
+    base_ = dir_.File("base.qcow2");
+    ASSERT_NO_FATAL_FAILURE(MakeSnapshotImage(dir_, base_, "cluster_size=65536"));
+    bytes_ = ReadWholeFile(base_);
+    layout_ = ReadLayout(bytes_);
+    table_ = ReadTable(bytes_, layout_.header);
+    ASSERT_EQ(table_.snapshots.size(), 2u);
+    ExpectSameVerdict(base_, kQemuClean);
+  }
+
+  std::string Damage(const std::string& name,
+                     const std::function<void(std::vector<uint8_t>&)>& patch) {
+    std::vector<uint8_t> copy = bytes_;
+    patch(copy);
+    const std::string path = dir_.File(name + ".qcow2");
+    WriteWholeFile(path, copy);
+    return path;
+  }
+
+  uint64_t ClusterOf(uint64_t offset) const { return offset >> layout_.header.cluster_bits; }
+  uint64_t Refcount(uint64_t cluster) const {
+    std::vector<uint8_t> copy = bytes_;
+    return format::GetRefcount(RefcountBlock(copy, layout_), cluster,
+                               layout_.header.refcount_order);
+  }
+  void SetRefcount(std::vector<uint8_t>& b, uint64_t cluster, uint64_t value) const {
+    format::SetRefcount(RefcountBlock(b, layout_), cluster, layout_.header.refcount_order, value);
+  }
+  // Snapshot `index`'s first L1 entry and the L2 table it points to.
+  uint64_t SnapshotL1At(size_t index) const { return table_.snapshots[index].l1_table_offset; }
+  uint64_t SnapshotL2(size_t index) const {
+    return format::LoadBE64(&bytes_[SnapshotL1At(index)]) & format::kEntryOffsetMask;
+  }
+  // Replaces the snapshot table in place (it must still fit in its cluster) and sets
+  // nb_snapshots to match.
+  void WriteTable(std::vector<uint8_t>& b, const std::vector<format::Snapshot>& snapshots) const {
+    auto table = format::SerializeSnapshotTable(snapshots);
+    ASSERT_TRUE(table.ok());
+    const uint64_t at = layout_.header.snapshots_offset;
+    ASSERT_LE(table->size(), layout_.geometry.cluster_size());
+    if (b.size() < at + table->size()) b.resize(at + table->size());
+    std::fill(b.begin() + at, b.begin() + at + table_.byte_length, 0);
+    std::copy(table->begin(), table->end(), b.begin() + at);
+    format::StoreBE32(&b[60], static_cast<uint32_t>(snapshots.size()));
+  }
+
+  TempDir dir_;
+  std::string base_;
+  std::vector<uint8_t> bytes_;
+  Layout layout_;
+  format::SnapshotTable table_;
+};
+
+TEST_F(SnapshotDamageTest, SharedClusterRefcountDecreasedIsCorruption) {
+  const uint64_t cluster = ClusterOf(L2Raw(bytes_, layout_, 0) & format::kEntryOffsetMask);
+  ASSERT_EQ(Refcount(cluster), 3u);
+  const std::string path = Damage("shared", [&](auto& b) { SetRefcount(b, cluster, 2); });
+  CheckResult r = ExpectSameVerdict(path, kQemuCorrupt);
+  EXPECT_NE(
+      Messages(r).find("ERROR cluster " + std::to_string(cluster) + " refcount=2 reference=3"),
+      std::string::npos)
+      << Messages(r);
+}
+
+TEST_F(SnapshotDamageTest, SnapshotOnlyClusterRefcountDroppedIsCorruption) {
+  // s1's L2 table is its own (the active state copied its L2 table on the first write).
+  const uint64_t l2 = ClusterOf(SnapshotL2(0));
+  ASSERT_NE(SnapshotL2(0), layout_.l2_offset);
+  ASSERT_EQ(Refcount(l2), 1u);
+  const std::string path = Damage("s1_l2", [&](auto& b) { SetRefcount(b, l2, 0); });
+  CheckResult r = ExpectSameVerdict(path, kQemuCorrupt);
+  EXPECT_EQ(r.leaks, 0u) << Messages(r);
+}
+
+TEST_F(SnapshotDamageTest, ExtraRefcountOnSnapshotClusterIsLeak) {
+  const uint64_t l1 = ClusterOf(SnapshotL1At(1));
+  const std::string path = Damage("s2_l1", [&](auto& b) { SetRefcount(b, l1, 2); });
+  CheckResult r = ExpectSameVerdict(path, kQemuLeaks);
+  EXPECT_EQ(r.leaks, 1u) << Messages(r);
+  EXPECT_EQ(r.corruptions, 0u) << Messages(r);
+}
+
+TEST_F(SnapshotDamageTest, ForgottenSnapshotLeaksItsClusters) {
+  // nb_snapshots 2 -> 1: s2's references are gone but its refcounts stay: leaks only.
+  const std::string path = Damage("forgotten", [&](auto& b) { format::StoreBE32(&b[60], 1); });
+  CheckResult r = ExpectSameVerdict(path, kQemuLeaks);
+  EXPECT_GT(r.leaks, 1u);
+  EXPECT_EQ(r.corruptions, 0u) << Messages(r);
+}
+
+TEST_F(SnapshotDamageTest, CopiedFlagIsCheckedOnActiveTablesOnly) {
+  // Guest cluster 0 has refcount 3: an active entry with COPIED is corruption.
+  const std::string active = Damage("active_copied", [&](auto& b) {
+    SetL2Raw(b, layout_, 0, L2Raw(b, layout_, 0) | format::kEntryCopied);
+  });
+  CheckResult r = ExpectSameVerdict(active, kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("OFLAG_COPIED data cluster"), std::string::npos) << Messages(r);
+  // Guest cluster 4M (written after s2) has refcount 1: COPIED must be set.
+  const uint64_t index = (4 << 20) >> layout_.header.cluster_bits;
+  ASSERT_NE(L2Raw(bytes_, layout_, index) & format::kEntryCopied, 0u);
+  ExpectSameVerdict(Damage("active_not_copied",
+                           [&](auto& b) {
+                             SetL2Raw(b, layout_, index,
+                                      L2Raw(b, layout_, index) & ~format::kEntryCopied);
+                           }),
+                    kQemuCorrupt);
+  // The active L1 entry: its L2 table has refcount 1 (COPIED set); clearing it is corruption.
+  ExpectSameVerdict(Damage("active_l1",
+                           [&](auto& b) {
+                             const uint64_t at = layout_.header.l1_table_offset;
+                             format::StoreBE64(&b[at],
+                                               format::LoadBE64(&b[at]) & ~format::kEntryCopied);
+                           }),
+                    kQemuCorrupt);
+  // The same flags in a snapshot's tables are not looked at, by QEMU or by zqcow.
+  ExpectSameVerdict(Damage("snapshot_flags",
+                           [&](auto& b) {
+                             const uint64_t l1 = SnapshotL1At(0);
+                             format::StoreBE64(&b[l1],
+                                               format::LoadBE64(&b[l1]) ^ format::kEntryCopied);
+                             const uint64_t l2 = SnapshotL2(0);
+                             for (uint64_t j = 0; j < 4; ++j) {
+                               const uint64_t raw = format::LoadBE64(&b[l2 + j * 8]);
+                               format::StoreBE64(&b[l2 + j * 8], raw ^ format::kEntryCopied);
+                             }
+                           }),
+                    kQemuClean);
+}
+
+TEST_F(SnapshotDamageTest, BadSnapshotL1TableIsCorruption) {
+  std::vector<format::Snapshot> unaligned = table_.snapshots;
+  unaligned[0].l1_table_offset += 512;
+  CheckResult r = ExpectSameVerdict(
+      Damage("l1_unaligned", [&](auto& b) { WriteTable(b, unaligned); }), kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("snapshot 0 (id \"1\", name \"s1\"): l1_table_offset"),
+            std::string::npos)
+      << Messages(r);
+  std::vector<format::Snapshot> too_large = table_.snapshots;
+  too_large[1].l1_size = (32u << 20) / 8 + 1;
+  r = ExpectSameVerdict(Damage("l1_too_large", [&](auto& b) { WriteTable(b, too_large); }),
+                        kQemuCorrupt);
+  EXPECT_NE(Messages(r).find("l1_size"), std::string::npos) << Messages(r);
+  std::vector<format::Snapshot> past_eof = table_.snapshots;
+  past_eof[1].l1_table_offset = uint64_t{1} << 40;
+  ExpectSameVerdict(Damage("l1_past_eof", [&](auto& b) { WriteTable(b, past_eof); }), kQemuCorrupt);
+}
+
+TEST_F(SnapshotDamageTest, IncompleteVersion3EntryIsCorruption) {
+  // A version 3 entry must hold disk_size (16 bytes of extra data); QEMU reports it.
+  std::vector<format::Snapshot> old_style = table_.snapshots;
+  old_style[1].disk_size.reset();
+  old_style[1].icount.reset();
+  CheckResult r = ExpectSameVerdict(
+      Damage("incomplete", [&](auto& b) { WriteTable(b, old_style); }), kQemuCorrupt);
+  EXPECT_EQ(r.corruptions, 1u) << Messages(r);
+  EXPECT_NE(Messages(r).find("snapshot table entry 1 is incomplete"), std::string::npos)
+      << Messages(r);
+}
+
+TEST_F(SnapshotDamageTest, UnreadableSnapshotTableIsCorruptionAndTheRestIsChecked) {
+  // extra_data_size above 1024: QEMU cannot open the image (exit 1); zqcow reports the
+  // table, leaves the snapshots out, and still checks the active state.
+  const std::string path = Damage("extra_data", [&](auto& b) {
+    format::StoreBE32(&b[layout_.header.snapshots_offset + 36], 5000);
+  });
+  EXPECT_EQ(RunQemuCheck(path).exit_code, 1);
+  auto r = CheckImage(path);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->corruptions, 1u) << Messages(*r);
+  EXPECT_NE(Messages(*r).find("qcow2 snapshot table: snapshot 0: extra_data_size 5000"),
+            std::string::npos)
+      << Messages(*r);
+  EXPECT_GT(r->leaks, 0u);  // what only the snapshots reference
+  EXPECT_EQ(r->allocated_clusters, JsonOr0(RunQemuCheck(base_).json, "allocated-clusters"));
+
+  // The same with damage to the active state as well: that is still found.
+  const uint64_t cluster = ClusterOf(L2Raw(bytes_, layout_, 0) & format::kEntryOffsetMask);
+  const std::string both = Damage("both", [&](auto& b) {
+    format::StoreBE32(&b[layout_.header.snapshots_offset + 36], 5000);
+    SetRefcount(b, cluster, 0);
+  });
+  auto r2 = CheckImage(both);
+  ASSERT_TRUE(r2.ok()) << r2.status().ToString();
+  EXPECT_NE(Messages(*r2).find("ERROR cluster " + std::to_string(cluster) + " refcount=0"),
+            std::string::npos)
+      << Messages(*r2);
+}
+
+// Random damage to the snapshots' tables, refcounts and the snapshot table: the checker never
+// crashes or reads out of bounds (ASan builds); where the snapshot table stays readable and
+// qemu-img can finish its check, the verdicts agree.
+TEST_F(SnapshotDamageTest, RandomSnapshotDamageAgreesWithQemu) {
+  std::mt19937_64 rng(20261125);
+  const uint64_t c = layout_.geometry.cluster_size();
+  int compared = 0;
+  for (int round = 0; round < 60; ++round) {
+    bool table_damaged = false;
+    const std::string path = Damage("random" + std::to_string(round), [&](auto& b) {
+      for (int k = 0; k < 1 + round % 3; ++k) {
+        const size_t snapshot = rng() % 2;
+        switch (rng() % 5) {
+          case 0: {  // a snapshot L2 entry: flip a bit
+            const uint64_t at = SnapshotL2(snapshot) + (rng() % 8) * 8;
+            format::StoreBE64(&b[at], format::LoadBE64(&b[at]) ^ (uint64_t{1} << (rng() % 64)));
+            break;
+          }
+          case 1: {  // a snapshot L2 entry: point somewhere in or near the file
+            const uint64_t at = SnapshotL2(snapshot) + (rng() % 8) * 8;
+            const uint64_t offset = rng() % (b.size() + 2 * c);
+            format::StoreBE64(&b[at], rng() % 2 ? format::EncodeNormalL2Entry(
+                                                      format::HostOffset(offset & ~(c - 1)), false)
+                                                : format::EncodeCompressedL2Entry(
+                                                      format::HostOffset(offset),
+                                                      1 + rng() % (c - 1), layout_.geometry));
+            break;
+          }
+          case 2: {  // a refcount
+            const uint64_t cluster = rng() % (b.size() / c + 2);
+            SetRefcount(b, cluster, rng() % 4);
+            break;
+          }
+          case 3: {  // a snapshot's L1 entry: flip a bit
+            const uint64_t at = SnapshotL1At(snapshot);
+            format::StoreBE64(&b[at], format::LoadBE64(&b[at]) ^ (uint64_t{1} << (rng() % 64)));
+            break;
+          }
+          default: {  // a byte of the snapshot table
+            const uint64_t at = layout_.header.snapshots_offset + rng() % table_.byte_length;
+            b[at] ^= static_cast<uint8_t>(1u << (rng() % 8));
+            table_damaged = true;
+            break;
+          }
+        }
+      }
+    });
+    auto ours = CheckImage(path);
+    ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+    if (table_damaged) continue;  // QEMU reads such tables differently (see check.cc)
+    QemuCheck qemu = RunQemuCheck(path);
+    if (qemu.exit_code != kQemuClean && qemu.exit_code != kQemuCorrupt &&
+        qemu.exit_code != kQemuLeaks) {
+      continue;  // QEMU could not finish (check errors)
+    }
+    ++compared;
+    EXPECT_EQ(Verdict(*ours), qemu.exit_code) << "round " << round << "\n"
+                                              << Messages(*ours) << "qemu: " << qemu.output;
+  }
+  EXPECT_GT(compared, 25);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ Status Image::WriteCompressedBatch(std::span<const CompressedCluster> clusters) 
 }
 
 Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOptions& options) {
+  return qcow2::OpenImageChain(path, options, /*depth=*/0);
+}
+
+Result<std::unique_ptr<Image>> qcow2::OpenImageChain(const std::string& path,
+                                                     const OpenOptions& options, int depth) {
   io::FileOptions file_options;
   file_options.writable = options.writable;
   file_options.direct_io = options.io.direct_io;
@@ -84,7 +89,7 @@ Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOp
       ZQ_ASSIGN_OR_RETURN(file, io::OpenFile(path, file_options));
     }
   }
-  return qcow2::OpenImageOnFile(std::move(file), options);
+  return qcow2::OpenImageOnFile(std::move(file), options, depth);
 }
 
 }  // namespace zqcow

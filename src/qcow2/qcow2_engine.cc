@@ -53,6 +53,42 @@ codec::Decompressor* ThreadDecompressor(Compression type) {
 
 }  // namespace
 
+// Scratch of one Image::Read: the clusters' L2 entries and one group's compressed bytes.
+// Reused per thread; a read that runs inside another one on the same thread (an overlay
+// reading its backing file) gets its own, so it never clobbers the outer read's.
+struct ReadScratch {
+  std::vector<uint64_t> raws;
+  std::vector<L2Entry> entries;
+  io::AlignedBuffer group;
+  bool busy = false;
+};
+
+namespace {
+
+class ScratchLease {
+ public:
+  ScratchLease() {
+    thread_local ReadScratch shared;
+    if (shared.busy) {
+      own_ = std::make_unique<ReadScratch>();
+      scratch_ = own_.get();
+    } else {
+      scratch_ = &shared;
+    }
+    scratch_->busy = true;
+  }
+  ~ScratchLease() { scratch_->busy = false; }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  ReadScratch& get() { return *scratch_; }
+
+ private:
+  ReadScratch* scratch_ = nullptr;
+  std::unique_ptr<ReadScratch> own_;
+};
+
+}  // namespace
+
 Qcow2Image::Qcow2Image(Parts parts)
     : path_(parts.file->path()),
       file_(std::move(parts.file)),
@@ -72,6 +108,7 @@ Qcow2Image::Qcow2Image(Parts parts)
   cluster_map_ =
       std::make_unique<ClusterMap>(file_.get(), metadata_cache_.get(), geometry_, parts.l1_offset,
                                    header_.l1_size, std::move(parts.l1));
+  backing_ = std::move(parts.backing);
   if (writable_) {
     format::RefcountGeometry refcount_geometry{header_.cluster_bits, header_.refcount_order};
     refcounts_ = std::make_unique<Refcounts>(
@@ -92,6 +129,8 @@ ImageInfo Qcow2Image::Info() const {
   info.cluster_size = static_cast<uint32_t>(cluster_size_);
   info.refcount_bits = 1u << header_.refcount_order;
   info.compression = static_cast<Compression>(header_.compression_type);
+  info.backing_file = header_.backing_file;
+  info.backing_format = BackingFormatOf(header_);
   std::lock_guard lock(mutex_);
   if (file_) {
     auto size = file_->Size();
@@ -166,11 +205,22 @@ Status Qcow2Image::DecompressCluster(const L2Entry& entry, std::span<const uint8
   return Status::OK();
 }
 
-Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, std::span<uint8_t> out) {
-  // Per-thread scratch: the decoded entries, and one group's compressed bytes read whole
-  // aligned blocks (an O_DIRECT file then reads straight into it).
-  thread_local std::vector<L2Entry> entries;
-  thread_local io::AlignedBuffer group;
+Status Qcow2Image::ReadUnallocated(uint64_t guest_offset, std::span<uint8_t> out) {
+  const uint64_t backed =
+      !backing_ || guest_offset >= backing_->size()
+          ? 0
+          : std::min<uint64_t>(out.size(), backing_->size() - guest_offset);
+  if (backed > 0) ZQ_RETURN_IF_ERROR(backing_->Read(guest_offset, out.first(backed)));
+  std::memset(out.data() + backed, 0, out.size() - backed);
+  return Status::OK();
+}
+
+Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, uint64_t guest_offset,
+                                     std::span<uint8_t> out, ReadScratch& scratch) {
+  // The decoded entries, and one group's compressed bytes read as whole aligned blocks (an
+  // O_DIRECT file then reads straight into it).
+  std::vector<L2Entry>& entries = scratch.entries;
+  io::AlignedBuffer& group = scratch.group;
   const uint64_t alignment = std::max<uint64_t>(file_->alignment(), 1);
   entries.clear();
   for (uint64_t raw : raws) {
@@ -195,8 +245,17 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, std::span<u
       i = end;
       continue;
     }
+    if (first.kind == L2Entry::Kind::kUnallocated) {
+      // A run of unallocated clusters: one read of the backing file.
+      while (end < entries.size() && entries[end].kind == L2Entry::Kind::kUnallocated) ++end;
+      ZQ_RETURN_IF_ERROR(
+          ReadUnallocated(guest_offset + i * cluster_size_,
+                          out.subspan(i * cluster_size_, (end - i) * cluster_size_)));
+      i = end;
+      continue;
+    }
     if (first.kind != L2Entry::Kind::kCompressed) {
-      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws[i], 0, first_out));
+      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws[i], guest_offset + i * cluster_size_, first_out));
       ++i;
       continue;
     }
@@ -234,10 +293,12 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, std::span<u
   return Status::OK();
 }
 
-Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out) {
+Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t guest_offset, std::span<uint8_t> out) {
   ZQ_ASSIGN_OR_RETURN(L2Entry entry, Decode(raw));
+  const uint64_t in_cluster = geometry_.offset_in_cluster(guest_offset);
   switch (entry.kind) {
     case L2Entry::Kind::kUnallocated:
+      return ReadUnallocated(guest_offset, out);
     case L2Entry::Kind::kZero:
       std::memset(out.data(), 0, out.size());
       return Status::OK();
@@ -259,7 +320,8 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<ui
 
 Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, out.size()));
-  thread_local std::vector<uint64_t> raws;  // entries of the clusters read in one go
+  ScratchLease lease;
+  std::vector<uint64_t>& raws = lease.get().raws;  // entries of the clusters read in one go
   const uint64_t per_l2 = geometry_.l2_entries();
   uint64_t done = 0;
   while (done < out.size()) {
@@ -274,30 +336,31 @@ Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
                                   per_l2 - cluster.value() % per_l2, kReadGroupClusters});
     }
     raws.clear();
+    bool has_l2 = false;
     {
       std::lock_guard lock(mutex_);
       if (closed_) return Error("image is closed");
-      ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
-      if (!has_l2) {
-        // The whole L2 range reads as zeros.
-        const uint64_t per_l2_bytes = per_l2 * cluster_size_;
-        uint64_t next = io::AlignDown(offset, per_l2_bytes) + per_l2_bytes;
-        n = std::min<uint64_t>(out.size() - done, next - offset);
-        std::memset(out.data() + done, 0, n);
-        done += n;
-        continue;
-      }
-      for (uint64_t i = 0; i < std::max<uint64_t>(whole, 1); ++i) {
+      ZQ_ASSIGN_OR_RETURN(has_l2, cluster_map_->HasL2(cluster));
+      for (uint64_t i = 0; has_l2 && i < std::max<uint64_t>(whole, 1); ++i) {
         ZQ_ASSIGN_OR_RETURN(uint64_t raw,
                             cluster_map_->GetEntry(cluster + i, HostLimitLocked()));
         raws.push_back(raw);
       }
     }
+    if (!has_l2) {
+      // The whole L2 range is unallocated.
+      const uint64_t per_l2_bytes = per_l2 * cluster_size_;
+      uint64_t next = io::AlignDown(offset, per_l2_bytes) + per_l2_bytes;
+      n = std::min<uint64_t>(out.size() - done, next - offset);
+      ZQ_RETURN_IF_ERROR(ReadUnallocated(offset, out.subspan(done, n)));
+      done += n;
+      continue;
+    }
     if (whole >= 2) {
       n = whole * cluster_size_;
-      ZQ_RETURN_IF_ERROR(ReadWholeClusters(raws, out.subspan(done, n)));
+      ZQ_RETURN_IF_ERROR(ReadWholeClusters(raws, offset, out.subspan(done, n), lease.get()));
     } else {
-      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws.front(), in_cluster, out.subspan(done, n)));
+      ZQ_RETURN_IF_ERROR(ReadFromEntry(raws.front(), offset, out.subspan(done, n)));
     }
     done += n;
   }
@@ -390,7 +453,7 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
   if (in_cluster != 0 || data.size() < cluster_size_ || !cache_normal_clusters_) {
     buffer = io::AlignedBuffer(cluster_size_);
     if (in_cluster != 0 || data.size() < valid) {
-      Status s = ReadFromEntry(old_raw, 0, buffer.span().first(valid));
+      Status s = ReadFromEntry(old_raw, cluster_start, buffer.span().first(valid));
       if (!s.ok()) return Fail(s);
     }
     std::memcpy(buffer.data() + in_cluster, data.data(), data.size());
@@ -584,23 +647,41 @@ Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
 
 // ----------------------------------------------------------------------------- map
 
+Status Qcow2Image::MapUnallocated(uint64_t guest_offset, uint64_t length,
+                                  const std::function<void(const MapExtent&)>& add) {
+  const uint64_t end = guest_offset + length;
+  const uint64_t backed_end = backing_ ? std::clamp(backing_->size(), guest_offset, end) : guest_offset;
+  if (backed_end > guest_offset) {
+    ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> below,
+                        backing_->Map(guest_offset, backed_end - guest_offset));
+    for (MapExtent extent : below) {
+      ++extent.depth;
+      add(extent);
+    }
+  }
+  // Beyond the backing file (or without one): zeros that no file of the chain holds.
+  if (end > backed_end) add({backed_end, end - backed_end, MapExtent::Kind::kUnallocated, 0, 0});
+  return Status::OK();
+}
+
 Result<std::vector<MapExtent>> Qcow2Image::Map(uint64_t guest_offset, uint64_t length) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
   std::vector<MapExtent> extents;
-  auto add = [&](uint64_t offset, uint64_t len, MapExtent::Kind kind, uint64_t host) {
-    if (len == 0) return;
+  auto add = [&extents](const MapExtent& extent) {
+    if (extent.length == 0) return;
     if (!extents.empty()) {
       MapExtent& last = extents.back();
-      bool same = last.kind == kind && last.guest_offset + last.length == offset;
-      if (same && kind == MapExtent::Kind::kData) {
-        same = last.host_offset + last.length == host;
+      bool same = last.kind == extent.kind && last.depth == extent.depth &&
+                  last.guest_offset + last.length == extent.guest_offset;
+      if (same && extent.kind == MapExtent::Kind::kData) {
+        same = last.host_offset + last.length == extent.host_offset;
       }
       if (same) {
-        last.length += len;
+        last.length += extent.length;
         return;
       }
     }
-    extents.push_back({offset, len, kind, host});
+    extents.push_back(extent);
   };
   const uint64_t end = guest_offset + length;
   const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
@@ -608,30 +689,54 @@ Result<std::vector<MapExtent>> Qcow2Image::Map(uint64_t guest_offset, uint64_t l
   while (offset < end) {
     GuestCluster cluster(offset >> geometry_.cluster_bits);
     uint64_t in_cluster = geometry_.offset_in_cluster(offset);
-    std::lock_guard lock(mutex_);
-    if (closed_) return Error("image is closed");
-    ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
-    if (!has_l2) {
-      uint64_t next = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes);
-      add(offset, next - offset, MapExtent::Kind::kUnallocated, 0);
-      offset = next;
+    uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
+    L2Entry entry;  // kUnallocated
+    {
+      std::lock_guard lock(mutex_);
+      if (closed_) return Error("image is closed");
+      ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
+      if (has_l2) {
+        ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+        ZQ_ASSIGN_OR_RETURN(entry, Decode(raw));
+      } else {
+        n = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
+      }
+    }
+    // Unallocated clusters are collected into one run before the backing chain is asked.
+    if (entry.kind == L2Entry::Kind::kUnallocated) {
+      const uint64_t run_start = offset;
+      offset += n;
+      while (offset < end) {
+        GuestCluster next(offset >> geometry_.cluster_bits);
+        uint64_t next_n = std::min(end - offset, cluster_size_);
+        std::lock_guard lock(mutex_);
+        if (closed_) return Error("image is closed");
+        ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(next));
+        if (has_l2) {
+          ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(next, HostLimitLocked()));
+          if (raw != format::EncodeUnallocatedL2Entry()) {
+            ZQ_ASSIGN_OR_RETURN(L2Entry next_entry, Decode(raw));
+            if (next_entry.kind != L2Entry::Kind::kUnallocated) break;
+          }
+        } else {
+          next_n = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
+        }
+        offset += next_n;
+      }
+      ZQ_RETURN_IF_ERROR(MapUnallocated(run_start, offset - run_start, add));
       continue;
     }
-    ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
-    ZQ_ASSIGN_OR_RETURN(L2Entry entry, Decode(raw));
-    uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
     switch (entry.kind) {
       case L2Entry::Kind::kUnallocated:
-        add(offset, n, MapExtent::Kind::kUnallocated, 0);
         break;
       case L2Entry::Kind::kZero:
-        add(offset, n, MapExtent::Kind::kZero, 0);
+        add({offset, n, MapExtent::Kind::kZero, 0});
         break;
       case L2Entry::Kind::kNormal:
-        add(offset, n, MapExtent::Kind::kData, entry.host_offset.value() + in_cluster);
+        add({offset, n, MapExtent::Kind::kData, entry.host_offset.value() + in_cluster});
         break;
       case L2Entry::Kind::kCompressed:
-        add(offset, n, MapExtent::Kind::kCompressed, entry.host_offset.value());
+        add({offset, n, MapExtent::Kind::kCompressed, entry.host_offset.value()});
         break;
     }
     offset += n;

@@ -26,6 +26,7 @@
 #define ZQCOW_QCOW2_QCOW2_ENGINE_H_
 
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,7 @@
 #include "format/types.h"
 #include "io/aligned_buffer.h"
 #include "io/file.h"
+#include "qcow2/backing.h"
 #include "qcow2/cluster_map.h"
 #include "qcow2/compressed_allocator.h"
 #include "qcow2/compressed_write_cache.h"
@@ -64,6 +66,9 @@ inline constexpr uint64_t kReadGroupClusters = 256;
 inline constexpr uint64_t kReadGroupBytes = uint64_t{256} << 10;
 inline constexpr uint64_t kReadGapBytes = uint64_t{32} << 10;
 
+// Per-read scratch (qcow2_engine.cc).
+struct ReadScratch;
+
 class Qcow2Image final : public Image {
  public:
   struct Parts {
@@ -79,6 +84,7 @@ class Qcow2Image final : public Image {
     io::AlignedBuffer refcount_table;  // whole clusters (writable only)
     format::HostCluster next_free;     // writable only
     uint64_t file_size = 0;            // at open
+    std::unique_ptr<BackingFile> backing;  // read-only images with a backing file
   };
 
   explicit Qcow2Image(Parts parts);
@@ -118,16 +124,25 @@ class Qcow2Image final : public Image {
   // --- qcow2_engine.cc: data paths ---
   Status CheckRange(uint64_t guest_offset, uint64_t length) const;
   Status CheckWritableLocked() const;
-  // Reads [in_cluster, in_cluster + out.size()) of the cluster that `raw` describes.
-  Status ReadFromEntry(uint64_t raw, uint64_t in_cluster, std::span<uint8_t> out);
+  // What guest range [guest_offset, + out.size()) reads as where the image leaves it
+  // unallocated: the backing file's bytes (zeros beyond its size), or zeros without one.
+  Status ReadUnallocated(uint64_t guest_offset, std::span<uint8_t> out);
+  // Reads guest bytes [guest_offset, guest_offset + out.size()) of the one cluster that
+  // `raw` describes.
+  Status ReadFromEntry(uint64_t raw, uint64_t guest_offset, std::span<uint8_t> out);
   Status ReadCompressed(const format::L2Entry& entry, std::span<uint8_t> cluster);
   Status DecompressCluster(const format::L2Entry& entry, std::span<const uint8_t> compressed,
                            std::span<uint8_t> cluster) const;
   // Reads whole guest clusters (one raw L2 entry each) into `out`, consecutive clusters'
   // data that lie together in the file with one request: normal clusters on consecutive
   // host clusters, compressed clusters packed one after another (as every writer packs
-  // them; gaps up to kReadGapBytes are read and skipped).
-  Status ReadWholeClusters(std::span<const uint64_t> raws, std::span<uint8_t> out);
+  // them; gaps up to kReadGapBytes are read and skipped). The first is at `guest_offset`.
+  Status ReadWholeClusters(std::span<const uint64_t> raws, uint64_t guest_offset,
+                           std::span<uint8_t> out, ReadScratch& scratch);
+  // Map of [guest_offset, + length), unallocated in this image, through the backing chain.
+  // Appends to `extents` with `add`.
+  Status MapUnallocated(uint64_t guest_offset, uint64_t length,
+                        const std::function<void(const MapExtent&)>& add);
   // Writes part or all of one guest cluster. Writers of the same guest cluster are
   // serialised (ClusterWriteGuard): a partial write is a read-modify-write done outside the
   // metadata lock, and two at once would each write back the other's old bytes.
@@ -187,6 +202,7 @@ class Qcow2Image final : public Image {
   std::unique_ptr<Refcounts> refcounts_;  // writable only
   std::unique_ptr<ClusterMap> cluster_map_;
   std::unique_ptr<CompressedAllocator> allocator_;  // writable only
+  std::unique_ptr<BackingFile> backing_;            // read-only only; null when none
   Status failed_;
   bool closed_ = false;
   Status close_status_;

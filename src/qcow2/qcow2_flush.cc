@@ -146,6 +146,11 @@ Status Qcow2Image::CloseLocked(bool clear_dirty) {
       }
     }
   }
+  if (backing_) {
+    Status backing_closed = backing_->Close();
+    if (s.ok()) s = backing_closed;
+    backing_.reset();
+  }
   closed_ = true;
   close_status_ = s;
   write_cache_.reset();

@@ -7,6 +7,7 @@
 #define ZQCOW_QCOW2_QCOW2_IMAGE_H_
 
 #include <memory>
+#include <string>
 
 #include "io/file.h"
 #include "zqcow/image.h"
@@ -22,8 +23,14 @@ namespace zqcow::qcow2 {
 Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
                                                  const CreateOptions& options,
                                                  const IoOptions& io);
+// `depth`: how many images above this one name it as their backing file (0 for an image
+// opened on its own). A read-only image opens its backing chain; a writable image with a
+// backing file is refused (kNotSupported).
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
-                                               const OpenOptions& options);
+                                               const OpenOptions& options, int depth = 0);
+// Image::Open for an image `depth` levels down a backing chain.
+Result<std::unique_ptr<Image>> OpenImageChain(const std::string& path, const OpenOptions& options,
+                                              int depth);
 // CheckImage on an open file (read only through it).
 Result<CheckResult> CheckImageFile(io::File* file);
 

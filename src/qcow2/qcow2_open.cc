@@ -2,8 +2,9 @@
 //
 // OpenImageOnFile: validates the header and every table location against the file size
 // before allocating memory for it (memory is bounded by the file size, never by a header
-// value alone), refuses what zqcow does not follow (backing files, snapshots, unknown
-// features), and finds the end of the used area for appending.
+// value alone), opens the backing chain of a read-only image, refuses what zqcow does not
+// follow (writing to images with backing files or snapshots, unknown features), and finds
+// the end of the used area for appending.
 
 #include <algorithm>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include "format/endian.h"
 #include "format/header.h"
 #include "format/refcount.h"
+#include "qcow2/backing.h"
 #include "qcow2/cluster_io.h"
 #include "qcow2/qcow2_engine.h"
 #include "qcow2/qcow2_image.h"
@@ -50,7 +52,7 @@ Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,
 }  // namespace
 
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
-                                               const OpenOptions& options) {
+                                               const OpenOptions& options, int depth) {
   const std::string path = file->path();
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   const uint64_t head_bytes = std::min(file_size, kMaxClusterSize);
@@ -62,12 +64,14 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   if (!parsed.ok()) return parsed.status().WithPrefix(path);
   format::Header header = std::move(parsed).value();
 
-  if (header.backing_file_offset != 0 || !header.backing_file.empty()) {
-    return Status::NotSupported(path + ": backing files are not followed (backing file '" +
-                                header.backing_file + "')");
+  const bool has_backing = header.backing_file_offset != 0 || !header.backing_file.empty();
+  if (options.writable && has_backing) {
+    return Status::NotSupported(path + ": writing to an image with a backing file ('" +
+                                header.backing_file + "') is not supported");
   }
-  if (header.nb_snapshots != 0) {
-    return Status::NotSupported(path + ": images with internal snapshots are not supported");
+  if (options.writable && header.nb_snapshots != 0) {
+    return Status::NotSupported(path + ": writing to an image with internal snapshots is not "
+                                "supported (reading it is)");
   }
   if (header.crypt_method != 0) {
     return Status::NotSupported(path + ": encrypted images are not supported");
@@ -138,6 +142,14 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
     parts.refcount_table_clusters = header.refcount_table_clusters;
     parts.refcount_table = std::move(table);
     parts.next_free = format::HostCluster(end / cluster_size);
+  }
+  if (has_backing) {
+    if (header.backing_file.empty()) {
+      return Status::Corruption(path + ": backing_file_offset is set but the name is empty");
+    }
+    ZQ_ASSIGN_OR_RETURN(parts.backing,
+                        OpenBackingFile(path, header.backing_file, BackingFormatOf(header),
+                                        options.io, depth + 1));
   }
   parts.file = std::move(file);
   parts.header = std::move(header);
