@@ -5,12 +5,11 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
-
-#include <ctime>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <ctime>
 #include <memory>
 #include <string>
 
@@ -116,9 +115,9 @@ void PrintHuman(const std::string& path, const std::string& format, const FileSi
       char date_text[32];
       strftime(date_text, sizeof(date_text), "%Y-%m-%d %H:%M:%S", &tm_date);
       const uint64_t clock_ms = snapshot.vm_clock_nsec / 1000000;
-      const std::string clock = fmt::format("{:02}:{:02}:{:02}.{:03}", clock_ms / 3600000,
-                                            clock_ms / 60000 % 60, clock_ms / 1000 % 60,
-                                            clock_ms % 1000);
+      const std::string clock =
+          fmt::format("{:02}:{:02}:{:02}.{:03}", clock_ms / 3600000, clock_ms / 60000 % 60,
+                      clock_ms / 1000 % 60, clock_ms % 1000);
       fmt::print("{:<10}{:<18}{:>7}{:>20}{:>13}{:>11}\n", snapshot.id, snapshot.name,
                  HumanSize(snapshot.vm_state_size), date_text, clock, snapshot.icount);
     }

@@ -40,8 +40,9 @@ struct MapEntry {
   uint64_t end() const { return start + length; }
   // Whether `next` (which starts at end()) continues this entry.
   bool Continues(const MapEntry& next) const {
-    if (next.start != end() || depth != next.depth || present != next.present || zero != next.zero || data != next.data ||
-        compressed != next.compressed || offset.has_value() != next.offset.has_value()) {
+    if (next.start != end() || depth != next.depth || present != next.present ||
+        zero != next.zero || data != next.data || compressed != next.compressed ||
+        offset.has_value() != next.offset.has_value()) {
       return false;
     }
     return !offset || *offset + length == *next.offset;
@@ -120,8 +121,8 @@ void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
     if (e.depth == 0) {
       fmt::print("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, mapped, path);
     } else {
-      fmt::print("{:<#16x}{:<#16x}{:<16}{} (backing file at depth {})\n", e.start, e.length,
-                 mapped, path, e.depth);
+      fmt::print("{:<#16x}{:<#16x}{:<16}{} (backing file at depth {})\n", e.start, e.length, mapped,
+                 path, e.depth);
     }
   }
 }

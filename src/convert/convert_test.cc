@@ -246,7 +246,8 @@ TEST(ConvertTest, OverlaySourceConvertsTheWholeChain) {
   // A larger overlay: its last 2 MiB lie beyond the backing file.
   run("qemu-img create -q -f qcow2 -F qcow2 -b " + testing::ShellQuote(base) + " " +
       testing::ShellQuote(top) + " 6M");
-  run("qemu-io -f qcow2 -c 'write -P 0x5a 1M 192k' -c 'write -z 2M 128k' -c 'write -P 0x5b 5M 64k' " +
+  run("qemu-io -f qcow2 -c 'write -P 0x5a 1M 192k' -c 'write -z 2M 128k' -c 'write -P 0x5b 5M "
+      "64k' " +
       testing::ShellQuote(top));
   for (bool direct : {false, true}) {
     SCOPED_TRACE(direct ? "direct source" : "buffered source");

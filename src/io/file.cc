@@ -7,7 +7,6 @@
 #include <liburing.h>
 
 #include <algorithm>
-
 #include <cstdlib>
 #include <cstring>
 

@@ -4,9 +4,9 @@
 
 #include <sys/stat.h>
 
-#include <cerrno>
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <utility>
 
 #include "format/endian.h"
@@ -47,8 +47,7 @@ class Qcow2Backing final : public BackingFile {
 
 class RawBacking final : public BackingFile {
  public:
-  RawBacking(std::unique_ptr<io::File> file, uint64_t size)
-      : file_(std::move(file)), size_(size) {}
+  RawBacking(std::unique_ptr<io::File> file, uint64_t size) : file_(std::move(file)), size_(size) {}
 
   const std::string& path() const override { return file_->path(); }
   const std::string& format() const override { return format_; }
@@ -104,8 +103,8 @@ std::string BackingFormatOf(const format::Header& header) {
 
 Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_path,
                                                      const std::string& name,
-                                                     const std::string& format,
-                                                     const IoOptions& io, int depth) {
+                                                     const std::string& format, const IoOptions& io,
+                                                     int depth) {
   const std::string path = ResolveName(image_path, name);
   const std::string what = image_path + ": backing file '" + name + "'";
   if (depth > kMaxBackingDepth) {
@@ -127,7 +126,8 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
   file_options.direct_io = io.direct_io;
   file_options.use_io_uring = io.use_io_uring;
   Result<std::unique_ptr<io::File>> opened = io::OpenFile(path, file_options);
-  if (!opened.ok() && file_options.direct_io && opened.status().code() == Status::Code::kNotSupported) {
+  if (!opened.ok() && file_options.direct_io &&
+      opened.status().code() == Status::Code::kNotSupported) {
     file_options.direct_io = false;  // a file system without O_DIRECT: read it buffered
     opened = io::OpenFile(path, file_options);
   }

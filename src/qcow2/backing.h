@@ -57,8 +57,8 @@ std::string BackingFormatOf(const format::Header& header);
 // formats or a chain deeper than kMaxBackingDepth.
 Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_path,
                                                      const std::string& name,
-                                                     const std::string& format,
-                                                     const IoOptions& io, int depth);
+                                                     const std::string& format, const IoOptions& io,
+                                                     int depth);
 
 }  // namespace zqcow::qcow2
 

@@ -4,15 +4,16 @@
 // them through the whole chain exactly as `qemu-img convert -O raw` does, and maps them as
 // `qemu-img map` does (depth included). Broken chains fail with a clear error.
 
+#include "qcow2/backing.h"
+
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-#include "qcow2/backing.h"
 #include "testing/test_util.h"
 #include "zqcow/image.h"
 
@@ -38,7 +39,8 @@ void QemuIo(const std::string& image, const std::vector<std::string>& commands) 
 // What qemu-img reads from `image`, as a raw file.
 std::vector<uint8_t> QemuContents(const TempDir& dir, const std::string& image) {
   const std::string raw = dir.File("expected.raw");
-  auto converted = RunCommand("qemu-img convert -O raw " + ShellQuote(image) + " " + ShellQuote(raw));
+  auto converted =
+      RunCommand("qemu-img convert -O raw " + ShellQuote(image) + " " + ShellQuote(raw));
   EXPECT_EQ(converted.exit_code, 0) << converted.output;
   return ReadWholeFile(raw);
 }
@@ -124,12 +126,13 @@ class ChainTest : public ::testing::TestWithParam<bool> {
     RunOk("qemu-img create -q -f qcow2 -o compression_type=zstd " + ShellQuote(base_) + " 6M");
     QemuIo(base_, {"write -P 0x11 0 2M", "write -c -P 0x12 2M 1M", "write -P 0x13 5M 1M"});
     // Names relative to the directory of the image that names them.
-    RunOk("cd " + ShellQuote(dir_.path()) +
+    RunOk(
+        "cd " + ShellQuote(dir_.path()) +
         " && qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 mid.qcow2 8M");
     QemuIo(mid_, {"write -P 0x21 1M 512k", "write -z 2M 256k", "write -c -P 0x22 7M 64k",
                   "discard 5M 128k"});
     RunOk("cd " + ShellQuote(dir_.path()) +
-        " && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 10M");
+          " && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 10M");
     QemuIo(top_, {"write -P 0x31 1536k 1M", "write -c -P 0x32 9M 64k", "write -z 5M 64k",
                   "write -P 0x33 100 3000"});
   }
@@ -176,7 +179,7 @@ TEST(BackingTest, RawBackingFile) {
   // Sparse, odd-sized raw file: the overlay is bigger and reads zeros past it.
   RunOk("truncate -s 3000000 " + ShellQuote(raw));
   RunOk("printf 'hello backing' | dd of=" + ShellQuote(raw) +
-      " bs=1 seek=1500000 conv=notrunc status=none");
+        " bs=1 seek=1500000 conv=notrunc status=none");
   RunOk("qemu-img create -q -f qcow2 -b " + ShellQuote(raw) + " -F raw " + ShellQuote(top) + " 4M");
   QemuIo(top, {"write -P 0x44 1M 64k"});
   auto image = OpenReadOnly(top);

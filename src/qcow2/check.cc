@@ -483,15 +483,14 @@ Result<ImageInfo> ReadImageInfo(const std::string& path) {
   info.backing_file = header.backing_file;
   info.backing_format = qcow2::BackingFormatOf(header);
   io::File* raw_file = file.get();
-  auto table = format::ReadSnapshotTable(header, file_size,
-                                         [raw_file](uint64_t offset, std::span<uint8_t> buffer) {
-                                           return qcow2::ReadExact(raw_file, offset, buffer.data(),
-                                                            buffer.size());
-                                         });
+  auto table = format::ReadSnapshotTable(
+      header, file_size, [raw_file](uint64_t offset, std::span<uint8_t> buffer) {
+        return qcow2::ReadExact(raw_file, offset, buffer.data(), buffer.size());
+      });
   if (!table.ok()) return table.status().WithPrefix(path);
   for (const format::Snapshot& snapshot : table->snapshots) {
-    info.snapshots.push_back({snapshot.id, snapshot.name, snapshot.vm_state_size,
-                              snapshot.date_sec, snapshot.date_nsec, snapshot.vm_clock_nsec,
+    info.snapshots.push_back({snapshot.id, snapshot.name, snapshot.vm_state_size, snapshot.date_sec,
+                              snapshot.date_nsec, snapshot.vm_clock_nsec,
                               snapshot.icount.value_or(0)});
   }
   return info;

@@ -70,7 +70,8 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                                 header.backing_file + "') is not supported");
   }
   if (options.writable && header.nb_snapshots != 0) {
-    return Status::NotSupported(path + ": writing to an image with internal snapshots is not "
+    return Status::NotSupported(path +
+                                ": writing to an image with internal snapshots is not "
                                 "supported (reading it is)");
   }
   if (header.crypt_method != 0) {
@@ -147,9 +148,9 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
     if (header.backing_file.empty()) {
       return Status::Corruption(path + ": backing_file_offset is set but the name is empty");
     }
-    ZQ_ASSIGN_OR_RETURN(parts.backing,
-                        OpenBackingFile(path, header.backing_file, BackingFormatOf(header),
-                                        options.io, depth + 1));
+    ZQ_ASSIGN_OR_RETURN(
+        parts.backing,
+        OpenBackingFile(path, header.backing_file, BackingFormatOf(header), options.io, depth + 1));
   }
   parts.file = std::move(file);
   parts.header = std::move(header);
