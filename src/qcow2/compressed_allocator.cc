@@ -6,11 +6,19 @@
 
 namespace zqcow::qcow2 {
 
-Result<format::HostOffset> CompressedAllocator::StartFresh(uint64_t length) {
+Status CompressedAllocator::CloseCluster(format::HostCluster cluster, uint64_t end) {
+  // No piece will arrive at or beyond `end`.
+  return cache_->SetClusterEnd(geometry_.host_offset(cluster).value(), static_cast<uint32_t>(end));
+}
+
+Result<format::HostOffset> CompressedAllocator::StartFresh(uint64_t length, bool may_be_hole) {
   if (current_ && current_end_ < geometry_.cluster_size()) {
-    // Close the cluster we leave: no piece will arrive at or beyond its end.
-    ZQ_RETURN_IF_ERROR(cache_->SetClusterEnd(geometry_.host_offset(*current_).value(),
-                                             static_cast<uint32_t>(current_end_)));
+    // The cluster we leave: a hole for the rest of the batch, or closed now.
+    if (in_batch_ && may_be_hole) {
+      holes_.push_back({*current_, current_end_});
+    } else {
+      ZQ_RETURN_IF_ERROR(CloseCluster(*current_, current_end_));
+    }
   }
   current_.reset();
   ZQ_ASSIGN_OR_RETURN(format::HostCluster fresh, refcounts_->Allocate(1));
@@ -21,11 +29,51 @@ Result<format::HostOffset> CompressedAllocator::StartFresh(uint64_t length) {
   return start;
 }
 
+Result<std::optional<format::HostOffset>> CompressedAllocator::AllocateInHole(uint64_t length) {
+  const uint64_t cluster_size = geometry_.cluster_size();
+  Hole* best = nullptr;
+  for (Hole& hole : holes_) {
+    if (hole.end + length <= cluster_size && (best == nullptr || hole.end > best->end)) {
+      best = &hole;
+    }
+  }
+  if (best == nullptr) return std::optional<format::HostOffset>();
+  ZQ_ASSIGN_OR_RETURN(uint64_t refcount, refcounts_->Get(best->cluster));
+  if (refcount >= refcounts_->geometry().max_refcount()) {
+    return std::optional<format::HostOffset>();
+  }
+  ZQ_RETURN_IF_ERROR(refcounts_->Increment(best->cluster));
+  format::HostOffset start = geometry_.host_offset(best->cluster) + best->end;
+  best->end += length;
+  if (best->end == cluster_size) {  // full: nothing to close
+    *best = holes_.back();
+    holes_.pop_back();
+  }
+  return std::optional<format::HostOffset>(start);
+}
+
+Status CompressedAllocator::EndBatch() {
+  in_batch_ = false;
+  Status status;
+  for (const Hole& hole : holes_) {
+    Status closed = CloseCluster(hole.cluster, hole.end);
+    if (status.ok()) status = closed;
+  }
+  holes_.clear();
+  return status;
+}
+
 Result<format::HostOffset> CompressedAllocator::Allocate(uint64_t length) {
   const uint64_t cluster_size = geometry_.cluster_size();
+  if (!holes_.empty()) {
+    ZQ_ASSIGN_OR_RETURN(std::optional<format::HostOffset> in_hole, AllocateInHole(length));
+    if (in_hole) return *in_hole;
+  }
   if (!current_ || current_end_ >= cluster_size) return StartFresh(length);
   ZQ_ASSIGN_OR_RETURN(uint64_t refcount, refcounts_->Get(*current_));
-  if (refcount >= refcounts_->geometry().max_refcount()) return StartFresh(length);
+  if (refcount >= refcounts_->geometry().max_refcount()) {
+    return StartFresh(length, /*may_be_hole=*/false);
+  }
 
   format::HostOffset start = geometry_.host_offset(*current_) + current_end_;
   uint64_t end_in_cluster = current_end_ + length;
@@ -53,6 +101,7 @@ Result<format::HostOffset> CompressedAllocator::Allocate(uint64_t length) {
 
 void CompressedAllocator::OnClusterFreed(format::HostCluster cluster) {
   if (current_ && *current_ == cluster) current_.reset();
+  std::erase_if(holes_, [cluster](const Hole& hole) { return hole.cluster == cluster; });
 }
 
 }  // namespace zqcow::qcow2

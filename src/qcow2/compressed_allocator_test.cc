@@ -124,5 +124,54 @@ TEST_F(CompressedAllocatorTest, FreedCurrentClusterIsNotContinued) {
   EXPECT_TRUE(write_cache_.ends.empty());  // a freed cluster is not closed, it is dropped
 }
 
+TEST_F(CompressedAllocatorTest, InABatchLaterPiecesFillTheTailLeftBehind) {
+  Init(4);
+  const uint64_t a = Allocate(3000);
+  ASSERT_TRUE(refcounts_->Allocate(1).ok());  // the next cluster is taken (a normal cluster)
+  allocator_->BeginBatch();
+  const uint64_t b = Allocate(2000);  // does not fit the 1096-byte tail: a fresh cluster
+  EXPECT_EQ(b % kClusterSize, 0u);
+  EXPECT_GT(b, a + kClusterSize);
+  EXPECT_EQ(Allocate(600), a + 3000);  // into the tail left behind
+  EXPECT_EQ(Allocate(700), b + 2000);  // does not fit what is left there (496)
+  EXPECT_EQ(Allocate(400), a + 3600);  // fits
+  EXPECT_TRUE(write_cache_.ends.empty()) << "holes stay open until the batch ends";
+  ASSERT_TRUE(allocator_->EndBatch().ok());
+  ASSERT_EQ(write_cache_.ends.size(), 1u);
+  EXPECT_EQ(write_cache_.ends[0], std::make_pair(a, uint32_t{4000}));
+  EXPECT_EQ(Refcount(a / kClusterSize), 3u);
+  EXPECT_EQ(Refcount(b / kClusterSize), 2u);
+  // Outside a batch the cluster left behind is closed at once.
+  ASSERT_TRUE(refcounts_->Allocate(1).ok());
+  const uint64_t c = Allocate(3000);
+  EXPECT_EQ(c % kClusterSize, 0u);
+  ASSERT_EQ(write_cache_.ends.size(), 2u);
+  EXPECT_EQ(write_cache_.ends[1], std::make_pair(b, uint32_t{2700}));
+  EXPECT_EQ(Allocate(100), c + 3000);
+}
+
+TEST_F(CompressedAllocatorTest, AHoleFilledToTheEndNeedsNoClusterEnd) {
+  Init(4);
+  const uint64_t a = Allocate(3096);
+  ASSERT_TRUE(refcounts_->Allocate(1).ok());
+  allocator_->BeginBatch();
+  Allocate(2000);                       // fresh cluster; a's tail (1000) is a hole
+  EXPECT_EQ(Allocate(1000), a + 3096);  // exactly fills it
+  ASSERT_TRUE(allocator_->EndBatch().ok());
+  EXPECT_TRUE(write_cache_.ends.empty());
+}
+
+TEST_F(CompressedAllocatorTest, OneBitRefcountsNeverShareAHole) {
+  Init(0);
+  allocator_->BeginBatch();
+  const uint64_t a = Allocate(100);
+  const uint64_t b = Allocate(100);
+  const uint64_t c = Allocate(100);
+  ASSERT_TRUE(allocator_->EndBatch().ok());
+  EXPECT_EQ(b, a + kClusterSize);
+  EXPECT_EQ(c, b + kClusterSize);
+  EXPECT_EQ(Refcount(a / kClusterSize), 1u);
+}
+
 }  // namespace
 }  // namespace zqcow::qcow2

@@ -254,6 +254,57 @@ TEST(BatchWriteTest, OneBatchIsAllocatedBackToBackInTheOrderGiven) {
   ExpectCleanAndEqual(path, raw);
 }
 
+// A cluster of `random_bytes` incompressible bytes and zeros after them: it compresses to
+// a little more than `random_bytes`.
+std::vector<uint8_t> SizedCluster(size_t random_bytes, uint64_t seed) {
+  std::vector<uint8_t> data = MakeData(DataKind::kRandom, random_bytes, seed);
+  data.resize(65536, 0);
+  return data;
+}
+
+// A normal cluster written between two batches takes the host cluster after the one being
+// filled: the piece that no longer fits starts a fresh cluster, and smaller pieces of the
+// same batch fill the tail left behind instead of wasting it. The pieces reach the cache
+// in host order (the hole first), which the O_DIRECT write cache needs.
+TEST(BatchWriteTest, PiecesOfABatchFillTheTailABreakLeftBehind) {
+  TempDir dir;
+  const std::string path = dir.File("holes.qcow2");
+  auto image = NewImage(path, 8, /*direct_io=*/true);
+  ASSERT_NE(image, nullptr);
+  auto compressor = NewCompressor(Compression::kZlib);
+  RawTwin raw(dir.File("holes.raw"), 8 * 65536);
+  auto compress = [&](uint64_t c, const std::vector<uint8_t>& data) {
+    raw.Write(c * 65536, data);
+    auto bytes = CompressCluster(compressor.get(), data, 65536);
+    EXPECT_FALSE(bytes.empty());
+    return std::make_pair(c, bytes);
+  };
+  Batch first = MakeBatch({compress(0, SizedCluster(40000, 1))}, 65536, true);
+  ASSERT_TRUE(image->WriteCompressedBatch(first.clusters).ok());
+  auto incompressible = MakeData(DataKind::kRandom, 65536, 2);
+  raw.Write(1 * 65536, incompressible);
+  ASSERT_TRUE(image->Write(1 * 65536, incompressible).ok());
+  Batch second =
+      MakeBatch({compress(2, SizedCluster(30000, 3)), compress(3, SizedCluster(20000, 4)),
+                 compress(4, SizedCluster(3000, 5))},
+                65536, true);
+  ASSERT_TRUE(image->WriteCompressedBatch(second.clusters).ok());
+  auto host = [&](uint64_t c) {
+    auto map = image->Map(c * 65536, 65536);
+    EXPECT_TRUE(map.ok() && map->size() == 1);
+    return map.ok() && !map->empty() ? (*map)[0].host_offset : 0;
+  };
+  const uint64_t tail = host(0) + first.clusters[0].data.size();
+  EXPECT_EQ(host(3), tail) << "the 20000-byte piece fills the tail of cluster 0's host cluster";
+  EXPECT_EQ(host(4), tail + second.clusters[1].data.size());
+  EXPECT_GT(host(2), host(1)) << "the 30000-byte piece starts a fresh cluster";
+  std::vector<uint8_t> back(8 * 65536);
+  ASSERT_TRUE(image->Read(0, back).ok());
+  EXPECT_TRUE(back == raw.data());
+  ASSERT_TRUE(image->Close().ok());
+  ExpectCleanAndEqual(path, raw);
+}
+
 TEST(BatchWriteTest, InvalidClusterFailsTheBatchBeforeAnythingIsWritten) {
   TempDir dir;
   const std::string path = dir.File("invalid.qcow2");

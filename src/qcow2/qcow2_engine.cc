@@ -101,8 +101,8 @@ Qcow2Image::Qcow2Image(Parts parts)
   write_cache_ =
       CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
                                    CacheOptions(parts.io, file_->direct_io(), cluster_size_));
-  cache_normal_clusters_ = write_cache_->enabled() &&
-                           cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
+  cache_normal_clusters_ =
+      write_cache_->enabled() && cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
                                                     static_cast<uint32_t>(cluster_size_));
   cluster_map_ =
@@ -206,10 +206,9 @@ Status Qcow2Image::DecompressCluster(const L2Entry& entry, std::span<const uint8
 }
 
 Status Qcow2Image::ReadUnallocated(uint64_t guest_offset, std::span<uint8_t> out) {
-  const uint64_t backed =
-      !backing_ || guest_offset >= backing_->size()
-          ? 0
-          : std::min<uint64_t>(out.size(), backing_->size() - guest_offset);
+  const uint64_t backed = !backing_ || guest_offset >= backing_->size()
+                              ? 0
+                              : std::min<uint64_t>(out.size(), backing_->size() - guest_offset);
   if (backed > 0) ZQ_RETURN_IF_ERROR(backing_->Read(guest_offset, out.first(backed)));
   std::memset(out.data() + backed, 0, out.size() - backed);
   return Status::OK();
@@ -342,8 +341,7 @@ Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
       if (closed_) return Error("image is closed");
       ZQ_ASSIGN_OR_RETURN(has_l2, cluster_map_->HasL2(cluster));
       for (uint64_t i = 0; has_l2 && i < std::max<uint64_t>(whole, 1); ++i) {
-        ZQ_ASSIGN_OR_RETURN(uint64_t raw,
-                            cluster_map_->GetEntry(cluster + i, HostLimitLocked()));
+        ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster + i, HostLimitLocked()));
         raws.push_back(raw);
       }
     }
@@ -531,11 +529,18 @@ Status Qcow2Image::WriteCompressedBatch(std::span<const CompressedCluster> clust
       Status s = cluster_map_->EnsureL2(guest_cluster(cluster), refcounts_.get());
       if (!s.ok()) return FailLocked(s);
     }
-    for (size_t i = 0; i < clusters.size(); ++i) {
+    // One batch for the allocator: a piece may fill the tail of a cluster an earlier
+    // piece of the batch had to leave behind.
+    allocator_->BeginBatch();
+    Status allocated_all;
+    for (size_t i = 0; i < clusters.size() && allocated_all.ok(); ++i) {
       auto allocated = allocator_->Allocate(clusters[i].data.size());
-      if (!allocated.ok()) return FailLocked(allocated.status());
-      hosts[i] = *allocated;
+      allocated_all = allocated.status();
+      if (allocated.ok()) hosts[i] = *allocated;
     }
+    Status ended = allocator_->EndBatch();
+    if (!allocated_all.ok()) return FailLocked(allocated_all);
+    if (!ended.ok()) return FailLocked(ended);
   }
   // The data reaches the cache before any L2 entry points at it.
   Status s = WriteCompressedRuns(clusters, hosts);
@@ -554,36 +559,47 @@ Status Qcow2Image::WriteCompressedBatch(std::span<const CompressedCluster> clust
 
 Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> clusters,
                                        std::span<const HostOffset> hosts) {
-  // Per-thread scratch for runs whose pieces are not adjacent in memory.
+  // Per-thread scratch for runs whose pieces are not adjacent in memory, and the pieces'
+  // order by host offset.
   thread_local std::vector<uint8_t> staging;
+  thread_local std::vector<size_t> order;
   if (!write_cache_->enabled()) {
     for (size_t i = 0; i < clusters.size(); ++i) {
       ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[i].value(), clusters[i].data));
     }
     return Status::OK();
   }
+  // The cache's progress rule needs each thread's pieces in host-offset order: a piece
+  // placed in a hole (CompressedAllocator) lies below the pieces allocated before it.
+  order.resize(clusters.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  if (!std::is_sorted(hosts.begin(), hosts.end())) {
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return hosts[a] < hosts[b]; });
+  }
   size_t first = 0;
-  while (first < clusters.size()) {
-    // The longest run [first, end) whose pieces lie back to back in the file.
-    uint64_t run_end = hosts[first].value() + clusters[first].data.size();
+  while (first < order.size()) {
+    // The longest run [first, end) of the order whose pieces lie back to back in the file.
+    const CompressedCluster& head = clusters[order[first]];
+    const uint64_t run_start = hosts[order[first]].value();
+    uint64_t run_end = run_start + head.data.size();
     bool adjacent_in_memory = true;
     size_t end = first + 1;
-    for (; end < clusters.size() && hosts[end].value() == run_end; ++end) {
-      const std::span<const uint8_t>& previous = clusters[end - 1].data;
-      adjacent_in_memory =
-          adjacent_in_memory && clusters[end].data.data() == previous.data() + previous.size();
-      run_end += clusters[end].data.size();
+    for (; end < order.size() && hosts[order[end]].value() == run_end; ++end) {
+      const std::span<const uint8_t>& previous = clusters[order[end - 1]].data;
+      const std::span<const uint8_t>& next = clusters[order[end]].data;
+      adjacent_in_memory = adjacent_in_memory && next.data() == previous.data() + previous.size();
+      run_end += next.size();
     }
-    const uint64_t run_bytes = run_end - hosts[first].value();
-    std::span<const uint8_t> run(clusters[first].data.data(), run_bytes);
+    std::span<const uint8_t> run(head.data.data(), run_end - run_start);
     if (!adjacent_in_memory) {
       staging.clear();
-      for (size_t i = first; i < end; ++i) {
-        staging.insert(staging.end(), clusters[i].data.begin(), clusters[i].data.end());
+      for (size_t k = first; k < end; ++k) {
+        const std::span<const uint8_t>& piece = clusters[order[k]].data;
+        staging.insert(staging.end(), piece.begin(), piece.end());
       }
       run = staging;
     }
-    ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[first].value(), run));
+    ZQ_RETURN_IF_ERROR(write_cache_->Write(run_start, run));
     first = end;
   }
   return Status::OK();
@@ -650,7 +666,8 @@ Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
 Status Qcow2Image::MapUnallocated(uint64_t guest_offset, uint64_t length,
                                   const std::function<void(const MapExtent&)>& add) {
   const uint64_t end = guest_offset + length;
-  const uint64_t backed_end = backing_ ? std::clamp(backing_->size(), guest_offset, end) : guest_offset;
+  const uint64_t backed_end =
+      backing_ ? std::clamp(backing_->size(), guest_offset, end) : guest_offset;
   if (backed_end > guest_offset) {
     ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> below,
                         backing_->Map(guest_offset, backed_end - guest_offset));
