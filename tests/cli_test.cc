@@ -190,6 +190,8 @@ TEST_F(CliTest, BadOptionsAreRejectedWithoutCreatingTheTarget) {
       {"--output=xml", "xml"},
       {"-W --in-order", "in-order"},
       {"-t none --drop-page-cache", "drop-page-cache"},
+      {"--checkpoint -1", "--checkpoint: '-1' is not a number of seconds"},
+      {"--checkpoint nan", "'nan' is not a number of seconds"},
   };
   for (const auto& [flags, expected] : cases) {
     SCOPED_TRACE("flags: " + flags);
@@ -203,6 +205,77 @@ TEST_F(CliTest, BadOptionsAreRejectedWithoutCreatingTheTarget) {
   CommandResult help = Zqcow("convert -o help");
   EXPECT_EQ(help.exit_code, 0) << help.output;
   EXPECT_NE(help.output.find("compression_type"), std::string::npos);
+}
+
+// Found by black-box testing: each of these once hung, lost data or damaged a file.
+TEST_F(CliTest, OneClusterWriteCacheWithSeveralWorkersDoesNotHang) {
+  // Incompressible clusters are stored through the cache while the allocator's open
+  // compressed cluster (the 1-byte tail) holds its only slot: whole clusters must still get
+  // in. `timeout` turns a deadlock into a failure instead of a stuck suite.
+  const std::string random = dir_.File("random.raw");
+  WriteRawImage(random, 8 * kMiB + 1, DataKind::kRandom, 5);
+  for (const std::string& flags : {std::string("-m 2 --write-cache-size 64k"),
+                                   std::string("-m 4 -t none --write-cache-size 1k"),
+                                   std::string("-m 2 -o cluster_size=4k --write-cache-size 4k")}) {
+    SCOPED_TRACE(flags);
+    CommandResult r = RunCommand("timeout -k 5 120 " + ZqcowBinary() + " convert -c --force " +
+                                 flags + " " + Q(random) + " " + Q(target_));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(RunCommand("qemu-img compare -q " + Q(random) + " " + Q(target_)).exit_code, 0);
+  }
+}
+
+TEST_F(CliTest, PipesAndDevicesAreRefusedAndNeverDeleted) {
+  const std::string fifo = dir_.File("fifo");
+  ASSERT_EQ(RunCommand("mkfifo " + Q(fifo)).exit_code, 0);
+  // As a source (it would block, or read as an empty disk) ...
+  CommandResult r = Zqcow("convert -c " + Q(fifo) + " " + Q(target_));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("not a regular file or block device"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(target_));
+  EXPECT_EQ(Zqcow("compare /dev/zero " + Q(source_)).exit_code, 2);
+  // ... and as a target with --force: refused, and the node is still there.
+  r = Zqcow("convert -c --force " + Q(source_) + " " + Q(fifo));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("not a regular file"), std::string::npos) << r.output;
+  EXPECT_TRUE(std::filesystem::is_fifo(fifo));
+}
+
+TEST_F(CliTest, ForceNeverOverwritesTheSourcesBackingFile) {
+  ConvertOk("-c");
+  const std::string overlay = dir_.File("overlay.qcow2");
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 -F qcow2 -b " + Q(target_) + " " + Q(overlay))
+                .exit_code,
+            0);
+  const std::vector<uint8_t> before = ReadWholeFile(target_);
+  CommandResult r = Zqcow("convert -c --force " + Q(overlay) + " " + Q(target_));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("backing file of the source"), std::string::npos) << r.output;
+  EXPECT_TRUE(ReadWholeFile(target_) == before);
+}
+
+TEST_F(CliTest, ClosedStandardStreamsNeverReachTheTarget) {
+  // With stdout and stderr closed, the source got descriptor 1 and the target 2: progress
+  // lines overwrote the image's header, and an interrupted conversion left a file that was
+  // not even qcow2. zstd level 19 on text is slow enough to interrupt.
+  const std::string random = dir_.File("random.raw");
+  WriteRawImage(random, 48 * kMiB, DataKind::kText, 6);
+  CommandResult r =
+      RunCommand("sh -c 'exec " + ZqcowBinary() +
+                 " convert -c -p -o compression_type=zstd,compression_level=19 " + Q(random) + " " +
+                 Q(target_) + " >&- 2>&-' & pid=$!; sleep 1; kill -INT $pid; wait $pid");
+  EXPECT_EQ(r.exit_code, 130) << r.output;
+  const std::vector<uint8_t> head = ReadWholeFile(target_);
+  ASSERT_GE(head.size(), 4u);
+  EXPECT_EQ(std::string(head.begin(), head.begin() + 3), "QFI") << "the header was overwritten";
+  EXPECT_TRUE(DirtyBit(target_));
+  EXPECT_EQ(RunCommand("qemu-img check " + Q(target_)).exit_code, 0);
+  // A summary that cannot be written is an error.
+  r = Zqcow("info --output=json " + Q(target_) + " >/dev/full");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("standard output"), std::string::npos) << r.output;
+  r = Zqcow("bogus");
+  EXPECT_NE(r.output.find("unknown subcommand 'bogus'"), std::string::npos) << r.output;
 }
 
 TEST_F(CliTest, MissingSourceNamesThePath) {

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -159,6 +160,13 @@ Result<std::string> DetectFormat(const std::string& path) {
 }
 
 Result<std::string> ResolveFormat(const std::string& path, const std::string& requested) {
+  // Images are files or block devices: a pipe or FIFO would block or read as an empty
+  // disk, a character device (/dev/zero) as one of no size.
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return Status::FromErrno(errno, path);
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    return Status::NotSupported(path + ": not a regular file or block device");
+  }
   if (requested.empty()) return DetectFormat(path);
   if (requested == kFormatRaw || requested == kFormatQcow2) return requested;
   return Status::InvalidArgument(

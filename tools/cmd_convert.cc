@@ -6,6 +6,8 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
@@ -197,7 +199,16 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("--checkpoint", args->checkpoint_seconds,
                   "Flush the target every SECONDS so a crash keeps the work done so far "
                   "(default 5; 0 = only at the end)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            char* end = nullptr;
+            const double value = std::strtod(text.c_str(), &end);
+            if (end == text.c_str() || *end != '\0' || !std::isfinite(value) || value < 0) {
+              return "'" + text + "' is not a number of seconds >= 0";
+            }
+            return "";
+          },
+          "SECONDS"));
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
   // SRC and DST are checked in `run` so that `-o help` works without them.

@@ -93,6 +93,9 @@ struct ImageInfo {
   std::string backing_file;    // empty when none
   std::string backing_format;  // the backing format header extension; empty when none
   std::vector<SnapshotInfo> snapshots;  // ReadImageInfo only (Image::Info leaves it empty)
+  // Image::Info of an open image: the files of its backing chain as opened (the backing
+  // file first, then its own, ...); empty without one.
+  std::vector<std::string> backing_chain;
 };
 
 // One guest cluster for Image::WriteCompressedBatch.

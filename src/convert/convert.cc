@@ -77,15 +77,20 @@ Result<std::vector<std::unique_ptr<codec::Compressor>>> MakeCompressors(
   return compressors;
 }
 
-// Refuses to write the target over the source itself (which --force would truncate).
-Status CheckNotSameFile(const std::string& source, const std::string& target) {
-  struct stat source_stat {};
+// Refuses to write the target over a file the source reads (which --force would
+// truncate): the source itself or a file of its backing chain.
+Status CheckNotSameFile(const convert::Source& source, const std::string& target) {
   struct stat target_stat {};
-  if (stat(source.c_str(), &source_stat) != 0 || stat(target.c_str(), &target_stat) != 0) {
-    return Status::OK();
-  }
-  if (source_stat.st_dev == target_stat.st_dev && source_stat.st_ino == target_stat.st_ino) {
-    return Status::InvalidArgument(target + ": target is the source file " + source);
+  if (stat(target.c_str(), &target_stat) != 0) return Status::OK();
+  for (const std::string& file : source.files()) {
+    struct stat file_stat {};
+    if (stat(file.c_str(), &file_stat) != 0) continue;
+    if (file_stat.st_dev == target_stat.st_dev && file_stat.st_ino == target_stat.st_ino) {
+      return Status::InvalidArgument(
+          target + (file == source.path()
+                        ? ": target is the source file"
+                        : ": target is a backing file of the source " + source.path()));
+    }
   }
   return Status::OK();
 }
@@ -115,7 +120,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   ZQ_ASSIGN_OR_RETURN(auto compressors, MakeCompressors(target, options, compressors_wanted));
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
                       convert::OpenSource(source, options.source_format, options.source_direct_io));
-  ZQ_RETURN_IF_ERROR(CheckNotSameFile(source, target));
+  ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
 
   const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image,

@@ -18,9 +18,7 @@ namespace {
 class Qcow2Source final : public Source {
  public:
   Qcow2Source(std::unique_ptr<Image> image, std::string path)
-      : image_(std::move(image)),
-        path_(std::move(path)),
-        size_(image_->virtual_size()) {}
+      : image_(std::move(image)), path_(std::move(path)), size_(image_->virtual_size()) {}
 
   ~Qcow2Source() override { (void)Close(); }
 
@@ -29,6 +27,12 @@ class Qcow2Source final : public Source {
   uint64_t size() const override { return size_; }
   // Image::Read takes any range and buffer; the image does its own aligned I/O.
   size_t read_alignment() const override { return 1; }
+
+  std::vector<std::string> files() const override {
+    std::vector<std::string> files = image_->Info().backing_chain;
+    files.insert(files.begin(), path_);
+    return files;
+  }
 
   // Image::Read is thread-safe, and decompressing is the expensive part of reading.
   bool parallel_reads() const override { return true; }

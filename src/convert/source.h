@@ -55,6 +55,9 @@ class Source {
   // REQUIRES when true: read_alignment() == 1 (workers read single clusters).
   virtual bool parallel_reads() const { return false; }
 
+  // Every file the source reads: its own and, for a qcow2 image, its backing chain's.
+  virtual std::vector<std::string> files() const { return {path()}; }
+
   // Releases the file or image; reports errors the close finds. Idempotent.
   virtual Status Close() = 0;
 };

@@ -221,6 +221,11 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
   // empty file behind.
   struct stat before {};
   const bool existed = ::stat(path.c_str(), &before) == 0;
+  // Only files and block devices: a FIFO (a pipe, /dev/stdin) would block the open or be
+  // read as an empty disk, and a character device has no size.
+  if (existed && !S_ISREG(before.st_mode) && !S_ISBLK(before.st_mode)) {
+    return Status::NotSupported(path + ": not a regular file or block device");
+  }
 
   int fd = -1;
   do {

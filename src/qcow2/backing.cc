@@ -30,6 +30,11 @@ class Qcow2Backing final : public BackingFile {
   const std::string& path() const override { return path_; }
   const std::string& format() const override { return format_; }
   uint64_t size() const override { return size_; }
+  std::vector<std::string> files() const override {
+    std::vector<std::string> chain = image_->Info().backing_chain;
+    chain.insert(chain.begin(), path_);
+    return chain;
+  }
   Status Read(uint64_t offset, std::span<uint8_t> out) override {
     return image_->Read(offset, out);
   }
@@ -52,6 +57,7 @@ class RawBacking final : public BackingFile {
   const std::string& path() const override { return file_->path(); }
   const std::string& format() const override { return format_; }
   uint64_t size() const override { return size_; }
+  std::vector<std::string> files() const override { return {file_->path()}; }
   Status Read(uint64_t offset, std::span<uint8_t> out) override {
     return io::ReadAnyRange(*file_, offset, out);
   }

@@ -38,6 +38,8 @@ class BackingFile {
   virtual const std::string& format() const = 0;
   // Guest bytes it holds; an overlay reads zeros beyond them.
   virtual uint64_t size() const = 0;
+  // This file and, below it, the files of its own backing chain.
+  virtual std::vector<std::string> files() const = 0;
   // REQUIRES: offset + out.size() <= size().
   virtual Status Read(uint64_t offset, std::span<uint8_t> out) = 0;
   // Extents of [offset, offset + length) as this file's own Map says them (depth 0 = this

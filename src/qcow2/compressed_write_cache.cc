@@ -321,9 +321,21 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
 
   // REQUIRES: mutex_ held. The oldest allocation can always finish: a unit below every
   // cached unit is admitted even when the cache is full.
-  bool Admissible(uint64_t unit_offset) const {
-    return units_.size() < options_.max_clusters || units_.empty() ||
-           unit_offset < units_.begin()->first;
+  bool Admissible(uint64_t unit_offset, bool whole_unit) const {
+    if (units_.size() < options_.max_clusters || units_.empty() ||
+        unit_offset < units_.begin()->first) {
+      return true;
+    }
+    // A piece that finishes its unit on arrival (a whole normal cluster) only has to wait
+    // for finished units to drain, which the writer thread (or a waiting writer) does
+    // whatever else happens. Waiting for the unfinished ones could take forever: the
+    // allocator's open compressed cluster finishes only with a later compressed piece, and
+    // that may come after this write (with a cache of one cluster, two workers storing
+    // incompressible clusters deadlocked that way).
+    if (!whole_unit) return false;
+    size_t finished = 0;
+    for (const auto& [offset, unit] : units_) finished += unit->ready || unit->writing;
+    return finished < options_.max_clusters;
   }
 
   // REQUIRES: mutex_ held, no entry at unit_offset.
@@ -365,7 +377,8 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
         changed_.wait(lock);
         continue;
       }
-      if (!cached && !Admissible(unit_offset)) {
+      if (!cached &&
+          !Admissible(unit_offset, /*whole_unit=*/in_unit == 0 && length == unit_size_)) {
         if (!ready_.empty()) {
           WriteReadyBatch(lock);  // make room by writing finished clusters ourselves
           continue;

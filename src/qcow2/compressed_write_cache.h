@@ -29,12 +29,15 @@
 // Memory: at most max_clusters clusters are held (finished ones count until their write
 // ends), except that a writer whose cluster lies below every cached cluster is always
 // admitted (so the oldest allocation can always finish and progress is guaranteed, even with
-// one worker), and SetClusterEnd never waits for room; the bound is therefore max_clusters +
-// number of concurrent writers (+ clusters that only received a SetClusterEnd). A writer
+// one worker), a piece that fills a whole cluster (a normal cluster) is admitted while
+// fewer than max_clusters finished clusters wait for their write (the allocator's open
+// compressed cluster may stay unfinished until after it), and SetClusterEnd never waits for
+// room; the bound is therefore 2 * max_clusters + number of concurrent writers (+ clusters
+// that only received a SetClusterEnd). A writer
 // that finds the cache full writes the finished clusters that wait for the writer thread
 // itself, if there are any, and otherwise blocks on a condition variable; nobody
 // busy-loops. The guarantee assumes what the image's workers do: each thread delivers its
-// own pieces in allocation order (one Write per compressed cluster, allocated just before),
+// own pieces in host-offset order (one Write per run of pieces, allocated just before),
 // and SetClusterEnd for a cluster comes before any piece of a later allocation.
 //
 // Clusters smaller than the file's alignment (e.g. 512-byte clusters on a 4096-byte O_DIRECT

@@ -678,7 +678,8 @@ TEST(CompressedWriteCacheTest, FullCacheMakesHigherClusterWait) {
   ASSERT_TRUE(cache->Write(0, all.first(100)).ok());
   std::atomic<bool> done{false};
   std::thread writer([&] {
-    EXPECT_TRUE(cache->Write(kCluster, all.subspan(kCluster, kCluster)).ok());
+    // A piece that does not finish its cluster: it has to wait for room.
+    EXPECT_TRUE(cache->Write(kCluster, all.subspan(kCluster, kCluster - 1)).ok());
     done = true;
   });
   while (cache->stats().waits == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -686,6 +687,28 @@ TEST(CompressedWriteCacheTest, FullCacheMakesHigherClusterWait) {
   ASSERT_TRUE(cache->Write(100, all.subspan(100, kCluster - 100)).ok());
   writer.join();
   EXPECT_TRUE(done.load());
+  ASSERT_TRUE(cache->Write(2 * kCluster - 1, all.subspan(2 * kCluster - 1, 1)).ok());
+  ASSERT_TRUE(cache->Flush().ok());
+  EXPECT_EQ(file.contents(), data);
+}
+
+// A whole cluster (a normal cluster) finishes on arrival: it only waits for finished
+// clusters to be written, never for the allocator's open cluster, which may finish only
+// after it (a cache of one cluster deadlocked two convert workers that way).
+TEST(CompressedWriteCacheTest, WholeClusterGetsPastAnOpenCluster) {
+  Watchdog watchdog("whole cluster past an open one");
+  constexpr uint32_t kCluster = 4096;
+  MemoryFile file(512, /*direct=*/true);
+  Options options;
+  options.max_clusters = 1;
+  auto cache = CompressedWriteCache::Create(&file, kCluster, options);
+  const std::vector<uint8_t> data = testing::MakeData(testing::DataKind::kRandom, 3 * kCluster, 7);
+  const std::span<const uint8_t> all(data);
+  ASSERT_TRUE(cache->Write(0, all.first(100)).ok());  // the open cluster
+  for (uint64_t c = 1; c < 3; ++c) {                  // whole clusters above it, one after another
+    ASSERT_TRUE(cache->Write(c * kCluster, all.subspan(c * kCluster, kCluster)).ok());
+  }
+  ASSERT_TRUE(cache->Write(100, all.subspan(100, kCluster - 100)).ok());
   ASSERT_TRUE(cache->Flush().ok());
   EXPECT_EQ(file.contents(), data);
 }

@@ -7,6 +7,7 @@
 #include "zqcow/image.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "format/endian.h"
@@ -40,6 +41,12 @@ uint64_t PeekClusterSize(const std::string& path) {
 
 Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const CreateOptions& options,
                                              const IoOptions& io) {
+  // An image is created as a regular file: a block device cannot be truncated to the
+  // image's size, and a failed create removes what it made, which must never be a device.
+  struct stat existing {};
+  if (::stat(path.c_str(), &existing) == 0 && !S_ISREG(existing.st_mode)) {
+    return Status::NotSupported(path + ": not a regular file (images are created as files)");
+  }
   io::FileOptions file_options;
   file_options.writable = true;
   file_options.create = true;

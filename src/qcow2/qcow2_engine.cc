@@ -131,6 +131,7 @@ ImageInfo Qcow2Image::Info() const {
   info.compression = static_cast<Compression>(header_.compression_type);
   info.backing_file = header_.backing_file;
   info.backing_format = BackingFormatOf(header_);
+  if (backing_) info.backing_chain = backing_->files();
   std::lock_guard lock(mutex_);
   if (file_) {
     auto size = file_->Size();
