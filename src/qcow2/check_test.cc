@@ -64,6 +64,19 @@ QemuCheck RunQemuCheck(const std::string& path) {
   return q;
 }
 
+// Whether qemu-img check could judge `path`; if so, expects zqcow's verdict `ours` to be
+// the same (the random-damage tests call this once per round).
+bool ExpectSameVerdictAsQemu(const std::string& path, const CheckResult& ours, int round) {
+  QemuCheck qemu = RunQemuCheck(path);
+  if (qemu.exit_code != kQemuClean && qemu.exit_code != kQemuCorrupt &&
+      qemu.exit_code != kQemuLeaks) {
+    return false;  // QEMU could not finish (check errors)
+  }
+  EXPECT_EQ(Verdict(ours), qemu.exit_code) << "round " << round << "\n"
+                                           << Messages(ours) << "qemu: " << qemu.output;
+  return true;
+}
+
 uint64_t JsonOr0(const nlohmann::json& j, const char* key) {
   return j.is_object() && j.contains(key) ? j[key].get<uint64_t>() : 0;
 }
@@ -504,14 +517,7 @@ TEST_F(DamagedImageTest, RandomMetadataDamageAgreesWithQemu) {
     });
     auto ours = CheckImage(path);
     ASSERT_TRUE(ours.ok()) << ours.status().ToString();
-    QemuCheck qemu = RunQemuCheck(path);
-    if (qemu.exit_code != kQemuClean && qemu.exit_code != kQemuCorrupt &&
-        qemu.exit_code != kQemuLeaks) {
-      continue;  // QEMU could not finish (check errors)
-    }
-    ++compared;
-    EXPECT_EQ(Verdict(*ours), qemu.exit_code) << "round " << round << "\n"
-                                              << Messages(*ours) << "qemu: " << qemu.output;
+    compared += ExpectSameVerdictAsQemu(path, *ours, round);
   }
   EXPECT_GT(compared, 30);
 }
@@ -858,14 +864,7 @@ TEST_F(SnapshotDamageTest, RandomSnapshotDamageAgreesWithQemu) {
     auto ours = CheckImage(path);
     ASSERT_TRUE(ours.ok()) << ours.status().ToString();
     if (table_damaged) continue;  // QEMU reads such tables differently (see check.cc)
-    QemuCheck qemu = RunQemuCheck(path);
-    if (qemu.exit_code != kQemuClean && qemu.exit_code != kQemuCorrupt &&
-        qemu.exit_code != kQemuLeaks) {
-      continue;  // QEMU could not finish (check errors)
-    }
-    ++compared;
-    EXPECT_EQ(Verdict(*ours), qemu.exit_code) << "round " << round << "\n"
-                                              << Messages(*ours) << "qemu: " << qemu.output;
+    compared += ExpectSameVerdictAsQemu(path, *ours, round);
   }
   EXPECT_GT(compared, 25);
 }
