@@ -77,9 +77,10 @@ struct FileOptions {
 };
 
 // Opens a regular file or block device (anything else that exists, a FIFO, a character
-// device or a directory, is kNotSupported without being opened). With direct_io, discovers the alignment through
-// statx(STATX_DIOALIGN), then BLKSSZGET for block devices, falling back to 4096; fails with
-// kNotSupported naming the path when the file system refuses O_DIRECT. Other failures map
+// device or a directory, is kNotSupported without being opened). With direct_io, discovers
+// the alignment through statx(STATX_DIOALIGN), then BLKSSZGET for block devices, falling
+// back to 4096; fails with kNotSupported naming the path when the file system refuses
+// O_DIRECT. Other failures map
 // errno to a code (ENOENT -> kNotFound, EEXIST -> kAlreadyExists, ...) with a message
 // "<path>: open failed: <strerror>". REQUIRES: truncate only together with writable.
 Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOptions& options);

@@ -2,11 +2,8 @@
 
 #include "qcow2/backing.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <utility>
 
 #include "format/endian.h"
@@ -121,13 +118,8 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
     return Status::NotSupported(what + ": backing format '" + format +
                                 "' is not supported (qcow2 and raw are)");
   }
-  // Only regular files and block devices: a name from a hostile image must not make us
-  // open a FIFO (which blocks) or a character device.
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return Status::FromErrno(errno, what + ": " + path);
-  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-    return Status::NotSupported(what + ": " + path + " is not a regular file or block device");
-  }
+  // io::OpenFile refuses anything but regular files and block devices before opening it:
+  // a name from a hostile image cannot make us open a FIFO (which blocks).
   io::FileOptions file_options;
   file_options.direct_io = io.direct_io;
   file_options.use_io_uring = io.use_io_uring;

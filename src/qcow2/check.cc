@@ -90,6 +90,13 @@ Status ReadExact(io::File* file, uint64_t offset, void* buffer, size_t length) {
   return read.ok() ? Status::OK() : read.status();
 }
 
+// `file` as format/'s snapshot-table reader.
+format::ReadAtFunction ReaderOf(io::File* file) {
+  return [file](uint64_t offset, std::span<uint8_t> buffer) {
+    return ReadExact(file, offset, buffer.data(), buffer.size());
+  };
+}
+
 // Reads the first cluster of the file (or the whole file when it is shorter).
 Result<std::vector<uint8_t>> ReadHeaderBytes(io::File* file, uint64_t file_size) {
   std::vector<uint8_t> bytes(std::min(file_size, kHeaderProbeBytes));
@@ -333,12 +340,8 @@ class Checker {
   // The snapshot table and every snapshot's tables (see the file comment).
   Status CheckSnapshots() {
     if (header_.nb_snapshots == 0) return Status::OK();
-    auto table = format::ReadSnapshotTable(
-        header_, file_size_,
-        [this](uint64_t offset, std::span<uint8_t> buffer) {
-          return ReadExact(file_, offset, buffer.data(), buffer.size());
-        },
-        format::SnapshotL1Checks::kLeaveToCaller);
+    auto table = format::ReadSnapshotTable(header_, file_size_, ReaderOf(file_),
+                                           format::SnapshotL1Checks::kLeaveToCaller);
     if (!table.ok()) {
       if (!table.status().IsCorruption()) return table.status();
       Corruption("ERROR " + table.status().message());
@@ -482,11 +485,7 @@ Result<ImageInfo> ReadImageInfo(const std::string& path) {
   info.corrupt = (header.incompatible_features & format::kIncompatCorrupt) != 0;
   info.backing_file = header.backing_file;
   info.backing_format = qcow2::BackingFormatOf(header);
-  io::File* raw_file = file.get();
-  auto table = format::ReadSnapshotTable(
-      header, file_size, [raw_file](uint64_t offset, std::span<uint8_t> buffer) {
-        return qcow2::ReadExact(raw_file, offset, buffer.data(), buffer.size());
-      });
+  auto table = format::ReadSnapshotTable(header, file_size, qcow2::ReaderOf(file.get()));
   if (!table.ok()) return table.status().WithPrefix(path);
   for (const format::Snapshot& snapshot : table->snapshots) {
     info.snapshots.push_back({snapshot.id, snapshot.name, snapshot.vm_state_size, snapshot.date_sec,

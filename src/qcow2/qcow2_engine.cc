@@ -682,6 +682,23 @@ Status Qcow2Image::MapUnallocated(uint64_t guest_offset, uint64_t length,
   return Status::OK();
 }
 
+Result<Qcow2Image::MapStep> Qcow2Image::LookUpForMap(uint64_t offset, uint64_t end) {
+  const GuestCluster cluster(offset >> geometry_.cluster_bits);
+  MapStep step;  // kUnallocated
+  step.length = std::min(end - offset, cluster_size_ - geometry_.offset_in_cluster(offset));
+  std::lock_guard lock(mutex_);
+  if (closed_) return Error("image is closed");
+  ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
+  if (!has_l2) {
+    const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
+    step.length = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
+    return step;
+  }
+  ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
+  ZQ_ASSIGN_OR_RETURN(step.entry, Decode(raw));
+  return step;
+}
+
 Result<std::vector<MapExtent>> Qcow2Image::Map(uint64_t guest_offset, uint64_t length) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, length));
   std::vector<MapExtent> extents;
@@ -702,48 +719,24 @@ Result<std::vector<MapExtent>> Qcow2Image::Map(uint64_t guest_offset, uint64_t l
     extents.push_back(extent);
   };
   const uint64_t end = guest_offset + length;
-  const uint64_t per_l2_bytes = geometry_.l2_entries() * cluster_size_;
   uint64_t offset = guest_offset;
   while (offset < end) {
-    GuestCluster cluster(offset >> geometry_.cluster_bits);
-    uint64_t in_cluster = geometry_.offset_in_cluster(offset);
-    uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
-    L2Entry entry;  // kUnallocated
-    {
-      std::lock_guard lock(mutex_);
-      if (closed_) return Error("image is closed");
-      ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(cluster));
-      if (has_l2) {
-        ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
-        ZQ_ASSIGN_OR_RETURN(entry, Decode(raw));
-      } else {
-        n = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
-      }
-    }
+    ZQ_ASSIGN_OR_RETURN(MapStep step, LookUpForMap(offset, end));
+    const L2Entry& entry = step.entry;
+    const uint64_t n = step.length;
     // Unallocated clusters are collected into one run before the backing chain is asked.
     if (entry.kind == L2Entry::Kind::kUnallocated) {
       const uint64_t run_start = offset;
       offset += n;
       while (offset < end) {
-        GuestCluster next(offset >> geometry_.cluster_bits);
-        uint64_t next_n = std::min(end - offset, cluster_size_);
-        std::lock_guard lock(mutex_);
-        if (closed_) return Error("image is closed");
-        ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(next));
-        if (has_l2) {
-          ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(next, HostLimitLocked()));
-          if (raw != format::EncodeUnallocatedL2Entry()) {
-            ZQ_ASSIGN_OR_RETURN(L2Entry next_entry, Decode(raw));
-            if (next_entry.kind != L2Entry::Kind::kUnallocated) break;
-          }
-        } else {
-          next_n = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
-        }
-        offset += next_n;
+        ZQ_ASSIGN_OR_RETURN(MapStep next, LookUpForMap(offset, end));
+        if (next.entry.kind != L2Entry::Kind::kUnallocated) break;
+        offset += next.length;
       }
       ZQ_RETURN_IF_ERROR(MapUnallocated(run_start, offset - run_start, add));
       continue;
     }
+    const uint64_t in_cluster = geometry_.offset_in_cluster(offset);
     switch (entry.kind) {
       case L2Entry::Kind::kUnallocated:
         break;

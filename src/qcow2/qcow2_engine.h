@@ -26,8 +26,8 @@
 #define ZQCOW_QCOW2_QCOW2_ENGINE_H_
 
 #include <condition_variable>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -81,9 +81,9 @@ class Qcow2Image final : public Image {
     io::AlignedBuffer l1;  // whole clusters
     uint64_t refcount_table_offset = 0;
     uint32_t refcount_table_clusters = 0;
-    io::AlignedBuffer refcount_table;  // whole clusters (writable only)
-    format::HostCluster next_free;     // writable only
-    uint64_t file_size = 0;            // at open
+    io::AlignedBuffer refcount_table;      // whole clusters (writable only)
+    format::HostCluster next_free;         // writable only
+    uint64_t file_size = 0;                // at open
     std::unique_ptr<BackingFile> backing;  // read-only images with a backing file
   };
 
@@ -139,8 +139,16 @@ class Qcow2Image final : public Image {
   // them; gaps up to kReadGapBytes are read and skipped). The first is at `guest_offset`.
   Status ReadWholeClusters(std::span<const uint64_t> raws, uint64_t guest_offset,
                            std::span<uint8_t> out, ReadScratch& scratch);
-  // Map of [guest_offset, + length), unallocated in this image, through the backing chain.
-  // Appends to `extents` with `add`.
+  // What Map finds at guest `offset`: the entry of its cluster and the bytes from `offset`
+  // (up to `end`) it covers: to the cluster's end, or with no L2 table (kUnallocated) to
+  // the end of the L2 table's range.
+  struct MapStep {
+    format::L2Entry entry;
+    uint64_t length = 0;
+  };
+  Result<MapStep> LookUpForMap(uint64_t offset, uint64_t end);
+  // Map of [guest_offset, + length), unallocated in this image, through the backing chain,
+  // handed to `add` extent by extent.
   Status MapUnallocated(uint64_t guest_offset, uint64_t length,
                         const std::function<void(const MapExtent&)>& add);
   // Writes part or all of one guest cluster. Writers of the same guest cluster are
