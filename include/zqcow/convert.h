@@ -50,6 +50,14 @@ struct ConvertOptions {
   uint32_t cluster_size = 65536;
   uint32_t refcount_bits = 16;
   bool source_direct_io = false;  // -T none
+  bool force_share = false;       // -U: open the source without QEMU's image locks
+  // Incremental backups (-B, --bitmap): the target becomes an overlay of `backing_file`
+  // (named in its header as given, format `backing_format`) holding only what changed:
+  // with `bitmap`, the clusters the source's dirty bitmap marks; without, the clusters
+  // whose content differs from what the backing chain reads.
+  std::string backing_file;
+  std::string backing_format = "qcow2";
+  std::string bitmap;
   IoOptions target_io;            // -t none => target_io.direct_io
   unsigned workers = 0;           // -m; 0 = one per online core
   bool out_of_order = true;       // -W; false = clusters reach the image in guest order

@@ -119,7 +119,10 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   const unsigned compressors_wanted = std::min(WorkerCount(options.workers, false), UsableCpus());
   ZQ_ASSIGN_OR_RETURN(auto compressors, MakeCompressors(target, options, compressors_wanted));
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
-                      convert::OpenSource(source, options.source_format, options.source_direct_io));
+                      convert::OpenSource(source, {.format = options.source_format,
+                                                   .direct_io = options.source_direct_io,
+                                                   .force_share = options.force_share,
+                                                   .bitmap = options.bitmap}));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
 
   const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);

@@ -38,8 +38,9 @@ Result<bool> HasQcow2Magic(io::File& file, uint64_t size) {
 
 }  // namespace
 
-Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const std::string& format,
-                                           bool direct_io) {
+Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options) {
+  const std::string& format = options.format;
+  const bool direct_io = options.direct_io;
   if (!format.empty() && format != kFormatRaw && format != kFormatQcow2) {
     return Status::InvalidArgument(path + ": unknown source format '" + format +
                                    "' (expected raw or qcow2)");

@@ -55,6 +55,16 @@ class Source {
   // REQUIRES when true: read_alignment() == 1 (workers read single clusters).
   virtual bool parallel_reads() const { return false; }
 
+  // The parts of [offset, offset + length) that the dirty bitmap the source was opened with
+  // (SourceOptions::bitmap) marks as changed since its checkpoint: sorted, disjoint, inside
+  // the asked range. Everything outside them is unchanged since that checkpoint.
+  // kNotSupported when the source was opened without a bitmap or has no such thing.
+  virtual Result<std::vector<ByteRange>> DirtyRanges(uint64_t offset, uint64_t length) {
+    (void)offset;
+    (void)length;
+    return Status::NotSupported(path() + ": no dirty bitmap to read changes from");
+  }
+
   // Every file the source reads: its own and, for a qcow2 image, its backing chain's.
   virtual std::vector<std::string> files() const { return {path()}; }
 
@@ -62,12 +72,18 @@ class Source {
   virtual Status Close() = 0;
 };
 
-// Opens `path` as `format`: "raw", "qcow2", or "" to detect (the qcow2 magic at offset 0
-// means qcow2, anything else raw). With direct_io the file is opened with O_DIRECT.
+struct SourceOptions {
+  std::string format;       // "raw", "qcow2", or "" to detect
+  bool direct_io = false;   // O_DIRECT (-T none)
+  bool force_share = false; // -U: read without taking QEMU's image locks
+  std::string bitmap;       // dirty bitmap to serve DirtyRanges from; "" for none
+};
+
+// Opens `path` as options.format: "raw", "qcow2", or "" to detect (the qcow2 magic at
+// offset 0 means qcow2, anything else raw). With direct_io the file is opened with O_DIRECT.
 // Errors: kNotFound for a missing file; kInvalidArgument for an unknown format or when
 // "qcow2" is asked for a file that is not one; each names the file.
-Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const std::string& format,
-                                           bool direct_io);
+Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options);
 
 // The two kinds, for callers that know what they have. MakeRawSource takes an opened file
 // and its size.
