@@ -23,6 +23,7 @@
 #include <span>
 #include <string>
 
+#include "io/image_lock.h"
 #include "zqcow/status.h"
 
 namespace zqcow::io {
@@ -74,6 +75,10 @@ struct FileOptions {
   // Batches go through io_uring when the kernel allows it (one ring per calling thread);
   // otherwise, or when false, they run one transfer after another.
   bool use_io_uring = true;
+  // QEMU's image locks (io/image_lock.h), taken before anything else happens to the file
+  // (a truncating open truncates only once they are held): by default kWrite for a
+  // writable open, kRead for a read-only one; kShared reads beside a writer (-U).
+  ImageLock lock = ImageLock::kAuto;
 };
 
 // Opens a regular file or block device (anything else that exists, a FIFO, a character
@@ -82,7 +87,8 @@ struct FileOptions {
 // back to 4096; fails with kNotSupported naming the path when the file system refuses
 // O_DIRECT. Other failures map
 // errno to a code (ENOENT -> kNotFound, EEXIST -> kAlreadyExists, ...) with a message
-// "<path>: open failed: <strerror>". REQUIRES: truncate only together with writable.
+// "<path>: open failed: <strerror>". A lock conflict fails the open with LockImage's error
+// and leaves the file untouched. REQUIRES: truncate only together with writable.
 Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOptions& options);
 
 // Reads any range (offset, length and buffer unaligned) of `file`: directly when the file

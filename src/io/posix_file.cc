@@ -214,7 +214,7 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
   int flags = O_CLOEXEC | (options.writable ? O_RDWR : O_RDONLY);
   if (options.create) flags |= O_CREAT;
   if (options.create && options.exclusive) flags |= O_EXCL;
-  if (options.truncate) flags |= O_TRUNC;
+  // O_TRUNC would truncate before the image locks are taken: truncate after taking them.
   if (options.direct_io) flags |= O_DIRECT;
 
   // Whether this open may create the file, so that a refused O_DIRECT does not leave an
@@ -251,6 +251,23 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
   if (S_ISDIR(st.st_mode)) {
     ::close(fd);
     return Status::FromErrno(EISDIR, path + ": open failed");
+  }
+  const ImageLock lock = options.lock != ImageLock::kAuto ? options.lock
+                         : options.writable                ? ImageLock::kWrite
+                                                           : ImageLock::kRead;
+  Status locked = LockImage(fd, path, lock);
+  if (!locked.ok()) {
+    ::close(fd);
+    return locked;
+  }
+  if (options.truncate && S_ISREG(st.st_mode)) {  // O_TRUNC ignores devices too
+    while (::ftruncate(fd, 0) != 0) {
+      if (errno != EINTR) {
+        const int err = errno;
+        ::close(fd);
+        return Status::FromErrno(err, path + ": truncate failed");
+      }
+    }
   }
   const bool block_device = S_ISBLK(st.st_mode);
   const size_t alignment = options.direct_io ? DiscoverDirectAlignment(fd, block_device) : 1;
