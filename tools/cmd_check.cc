@@ -24,6 +24,7 @@ struct CheckArgs {
   std::string path;
   std::string format;
   std::string output = "human";
+  bool force_share = false;  // -U
 };
 
 int ExitCodeFor(const CheckResult& result, const ImageInfo& info) {
@@ -94,9 +95,9 @@ int RunCheck(const CheckArgs& args) {
     PrintError(fmt::format("{}: raw images have no metadata to check", args.path));
     return kExitError;
   }
-  auto info = ReadImageInfo(args.path);
+  auto info = ReadImageInfo(args.path, args.force_share);
   if (!info.ok()) return ReportError(info.status());
-  auto result = CheckImage(args.path);
+  auto result = CheckImage(args.path, args.force_share);
   if (!result.ok()) return ReportError(result.status());
   if (*output == OutputFormat::kJson) {
     PrintJson(CheckJson(args.path, *result, *info));
@@ -114,6 +115,7 @@ Subcommand AddCheckCommand(CLI::App& parent) {
       "check", "Check a qcow2 image's metadata for corruption, leaks and incompleteness");
   app->add_option("-f", args->format, "Format: qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
+  app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
   app->add_option("IMG", args->path, "The image")->required();
   return {app, [args] { return RunCheck(*args); }};
 }

@@ -28,6 +28,7 @@ struct CompareArgs {
   std::string b_path;
   std::string a_format;
   std::string b_format;
+  bool force_share = false;  // -U
 };
 
 // Where `pos` stands relative to sorted `ranges`: whether it is inside one, and where that
@@ -95,9 +96,9 @@ int RunCompare(const CompareArgs& args) {
   if (!a_format.ok()) return ReportError(a_format.status(), kExitCompareError);
   auto b_format = ResolveFormat(args.b_path, args.b_format);
   if (!b_format.ok()) return ReportError(b_format.status(), kExitCompareError);
-  auto a = GuestSource::Open(args.a_path, *a_format);
+  auto a = GuestSource::Open(args.a_path, *a_format, args.force_share);
   if (!a.ok()) return ReportError(a.status(), kExitCompareError);
-  auto b = GuestSource::Open(args.b_path, *b_format);
+  auto b = GuestSource::Open(args.b_path, *b_format, args.force_share);
   if (!b.ok()) return ReportError(b.status(), kExitCompareError);
   if ((*a)->size() != (*b)->size()) fmt::print("Warning: Image size mismatch!\n");
   auto diff = FindFirstDifference(**a, **b);
@@ -118,6 +119,7 @@ Subcommand AddCompareCommand(CLI::App& parent) {
       "compare", "Compare the guest contents of two images (raw or qcow2), like qemu-img compare");
   app->add_option("-f", args->a_format, "Format of A: raw or qcow2 (default: detect)");
   app->add_option("-F", args->b_format, "Format of B: raw or qcow2 (default: detect)");
+  app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
   app->add_option("A", args->a_path, "First image")->required();
   app->add_option("B", args->b_path, "Second image")->required();
   return {app, [args] { return RunCompare(*args); }, kExitCompareError};

@@ -43,6 +43,7 @@ struct ConvertArgs {
   double checkpoint_seconds = ConvertOptions().checkpoint_seconds;
   std::string write_cache_size;
   bool drop_page_cache = false;
+  bool force_share = false;  // -U
 };
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
@@ -93,6 +94,7 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
         fmt::format("-f: unknown format '{}' (expected raw or qcow2)", args.source_format));
   }
   options.source_format = args.source_format;
+  options.force_share = args.force_share;
   if (args.output_format != kFormatQcow2) {
     return Status::InvalidArgument(fmt::format(
         "-O: output format '{}' is not supported (zqcow writes qcow2 only)", args.output_format));
@@ -212,6 +214,8 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
   // SRC and DST are checked in `run` so that `-o help` works without them.
+  app->add_flag("-U,--force-share", args->force_share,
+                "Read SRC even if another process writes it (qemu-img's -U); the copy may be torn");
   app->add_option("SRC", args->source, "Source image (raw file, block device or qcow2)");
   app->add_option("DST", args->target, "Target qcow2 image");
   return {app, [args] {

@@ -26,6 +26,7 @@ struct InfoArgs {
   std::string path;
   std::string format;
   std::string output = "human";
+  bool force_share = false;  // -U
 };
 
 struct FileSizes {
@@ -143,7 +144,7 @@ int RunInfo(const InfoArgs& args) {
   if (!sizes.ok()) return ReportError(sizes.status());
   std::optional<ImageInfo> info;
   if (*format == kFormatQcow2) {
-    auto read = ReadImageInfo(args.path);
+    auto read = ReadImageInfo(args.path, args.force_share);
     if (!read.ok()) return ReportError(read.status());
     info = std::move(read).value();
   }
@@ -163,6 +164,7 @@ Subcommand AddInfoCommand(CLI::App& parent) {
   CLI::App* app = parent.add_subcommand("info", "Show an image's format and properties");
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
+  app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
   app->add_option("IMG", args->path, "The image")->required();
   return {app, [args] { return RunInfo(*args); }};
 }

@@ -25,6 +25,7 @@ struct MapArgs {
   std::string path;
   std::string format;
   std::string output = "human";
+  bool force_share = false;  // -U
 };
 
 struct MapEntry {
@@ -132,7 +133,7 @@ int RunMap(const MapArgs& args) {
   if (!output.ok()) return ReportError(output.status());
   auto format = ResolveFormat(args.path, args.format);
   if (!format.ok()) return ReportError(format.status());
-  auto source = GuestSource::Open(args.path, *format);
+  auto source = GuestSource::Open(args.path, *format, args.force_share);
   if (!source.ok()) return ReportError(source.status());
   auto entries = BuildMap(**source);
   if (!entries.ok()) return ReportError(entries.status());
@@ -151,6 +152,7 @@ Subcommand AddMapCommand(CLI::App& parent) {
   CLI::App* app = parent.add_subcommand("map", "Show how an image's guest ranges are stored");
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
+  app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
   app->add_option("IMG", args->path, "The image")->required();
   return {app, [args] { return RunMap(*args); }};
 }

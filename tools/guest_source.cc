@@ -102,10 +102,12 @@ class Qcow2Source final : public GuestSource {
 }  // namespace
 
 Result<std::unique_ptr<GuestSource>> GuestSource::Open(const std::string& path,
-                                                       const std::string& format) {
+                                                       const std::string& format,
+                                                       bool force_share) {
   if (format == kFormatQcow2) {
     OpenOptions options;
     options.writable = false;
+    options.io.force_share = force_share;
     ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image, Image::Open(path, options));
     return std::unique_ptr<GuestSource>(new Qcow2Source(path, std::move(image)));
   }

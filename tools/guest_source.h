@@ -26,9 +26,10 @@ struct ByteRange {
 class GuestSource {
  public:
   // `format` is "raw" or "qcow2" (see ResolveFormat). A qcow2 image reads through its
-  // backing chain.
+  // backing chain. force_share: read a qcow2 image another process writes (-U).
   static Result<std::unique_ptr<GuestSource>> Open(const std::string& path,
-                                                   const std::string& format);
+                                                   const std::string& format,
+                                                   bool force_share = false);
   virtual ~GuestSource() = default;
 
   const std::string& path() const { return path_; }

@@ -49,6 +49,11 @@ struct IoOptions {
   size_t write_cache_bytes = 64ull * 65536;  // rounded to whole clusters (at least 1)
   bool drop_page_cache = false;         // buffered + fadvise(DONTNEED) after each write
   size_t metadata_cache_bytes = 8u << 20;  // L2 tables + refcount blocks held in memory
+  // Read-only opens: read even while another process writes the image (qemu-img's -U).
+  // Without it, zqcow takes QEMU's image locks (src/io/image_lock.h) on every file it opens:
+  // a reader refuses an image (and backing file) that another process writes, a writer one
+  // that another process reads or writes. A writable image refuses force_share.
+  bool force_share = false;
 };
 
 struct OpenOptions {
@@ -169,12 +174,14 @@ class Image {
 
 // Reads the header (and nothing else worth mentioning) of an image. Fails on malformed
 // headers with a clear error.
-Result<ImageInfo> ReadImageInfo(const std::string& path);
+// force_share: read without refusing an image another process writes (-U).
+Result<ImageInfo> ReadImageInfo(const std::string& path, bool force_share = false);
 
 // Checks an image file the way `qemu-img check` does, by reading its metadata from disk.
 // Returns the findings; a non-OK Status only when the check itself could not run (the file
 // cannot be opened, the header is unreadable).
-Result<CheckResult> CheckImage(const std::string& path);
+// force_share as for ReadImageInfo.
+Result<CheckResult> CheckImage(const std::string& path, bool force_share = false);
 
 }  // namespace zqcow
 

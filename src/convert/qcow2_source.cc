@@ -88,10 +88,12 @@ class Qcow2Source final : public Source {
 
 }  // namespace
 
-Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io) {
+Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io,
+                                                bool force_share) {
   OpenOptions options;
   options.writable = false;
   options.io.direct_io = direct_io;
+  options.io.force_share = force_share;
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image, Image::Open(path, options));
   return std::unique_ptr<Source>(std::make_unique<Qcow2Source>(std::move(image), path));
 }

@@ -47,6 +47,7 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
   }
   io::FileOptions file_options;
   file_options.direct_io = direct_io;
+  if (options.force_share) file_options.lock = io::ImageLock::kShared;
   Result<std::unique_ptr<io::File>> opened = io::OpenFile(path, file_options);
   if (!opened.ok()) return NameFile(opened.status(), path);
   std::unique_ptr<io::File> file = std::move(opened).value();
@@ -58,7 +59,7 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
     if (!is_qcow2.ok()) return NameFile(is_qcow2.status(), path);
     if (*is_qcow2) {
       file.reset();  // the image opens the file itself
-      Result<std::unique_ptr<Source>> source = OpenQcow2Source(path, direct_io);
+      Result<std::unique_ptr<Source>> source = OpenQcow2Source(path, direct_io, options.force_share);
       if (!source.ok()) return NameFile(source.status(), path);
       return source;
     }

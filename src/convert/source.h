@@ -88,7 +88,8 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
 // The two kinds, for callers that know what they have. MakeRawSource takes an opened file
 // and its size.
 std::unique_ptr<Source> MakeRawSource(std::unique_ptr<io::File> file, uint64_t size);
-Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io);
+Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io,
+                                                bool force_share = false);
 
 }  // namespace zqcow::convert
 

@@ -23,6 +23,8 @@ Result<std::unique_ptr<Image>> CreateTarget(const std::string& path, const Conve
                                             uint64_t virtual_size) {
   struct stat st {};
   if (!options.overwrite && lstat(path.c_str(), &st) == 0) return TargetExists(path);
+  // --force must not replace an image another process (qemu, a VM, another zqcow) holds.
+  if (options.overwrite) ZQ_RETURN_IF_ERROR(io::CheckNotInUse(path));
 
   CreateOptions create;
   create.virtual_size = virtual_size;

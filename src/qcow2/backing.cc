@@ -123,6 +123,7 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
   io::FileOptions file_options;
   file_options.direct_io = io.direct_io;
   file_options.use_io_uring = io.use_io_uring;
+  if (io.force_share) file_options.lock = io::ImageLock::kShared;
   Result<std::unique_ptr<io::File>> opened = io::OpenFile(path, file_options);
   if (!opened.ok() && file_options.direct_io &&
       opened.status().code() == Status::Code::kNotSupported) {

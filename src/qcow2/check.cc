@@ -441,8 +441,9 @@ bool HasValidBitmaps(const format::Header& header) {
   return false;
 }
 
-Result<std::unique_ptr<io::File>> OpenForReading(const std::string& path) {
+Result<std::unique_ptr<io::File>> OpenForReading(const std::string& path, bool force_share) {
   io::FileOptions options;
+  if (force_share) options.lock = io::ImageLock::kShared;
   options.use_io_uring = false;  // a handful of sequential reads
   return io::OpenFile(path, options);
 }
@@ -464,13 +465,13 @@ Result<CheckResult> CheckImageFile(io::File* file) {
 
 namespace zqcow {
 
-Result<CheckResult> CheckImage(const std::string& path) {
-  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, qcow2::OpenForReading(path));
+Result<CheckResult> CheckImage(const std::string& path, bool force_share) {
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, qcow2::OpenForReading(path, force_share));
   return qcow2::CheckImageFile(file.get());
 }
 
-Result<ImageInfo> ReadImageInfo(const std::string& path) {
-  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, qcow2::OpenForReading(path));
+Result<ImageInfo> ReadImageInfo(const std::string& path, bool force_share) {
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, qcow2::OpenForReading(path, force_share));
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   ZQ_ASSIGN_OR_RETURN(format::Header header, qcow2::ReadHeader(file.get(), file_size));
   ImageInfo info;

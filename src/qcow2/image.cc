@@ -87,6 +87,7 @@ Result<std::unique_ptr<Image>> qcow2::OpenImageChain(const std::string& path,
   file_options.writable = options.writable;
   file_options.direct_io = options.io.direct_io;
   file_options.use_io_uring = options.io.use_io_uring;
+  if (options.io.force_share) file_options.lock = io::ImageLock::kShared;
   ZQ_ASSIGN_OR_RETURN(auto file, io::OpenFile(path, file_options));
   if (file->direct_io()) {
     uint64_t cluster_size = PeekClusterSize(path);

@@ -54,6 +54,9 @@ Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                                                const OpenOptions& options, int depth) {
   const std::string path = file->path();
+  if (options.writable && options.io.force_share) {
+    return Status::InvalidArgument(path + ": force-share (-U) is only for read-only opens");
+  }
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   const uint64_t head_bytes = std::min(file_size, kMaxClusterSize);
   ZQ_ASSIGN_OR_RETURN(
