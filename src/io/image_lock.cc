@@ -25,9 +25,8 @@ constexpr off_t kUnsharedBase = 200;
 constexpr uint32_t kConsistentRead = 1u << 0;
 constexpr uint32_t kWrite = 1u << 1;
 constexpr uint32_t kResize = 1u << 3;
-constexpr std::array<const char*, 5> kPermissionNames = {"consistent read", "write",
-                                                         "write unchanged", "resize",
-                                                         "change children"};
+constexpr std::array<const char*, 5> kPermissionNames = {
+    "consistent read", "write", "write unchanged", "resize", "change children"};
 constexpr uint32_t kAllPermissions = (1u << kPermissionNames.size()) - 1;
 
 struct Permissions {
@@ -75,8 +74,8 @@ Result<bool> HeldByOther(int fd, const std::string& path, off_t byte, bool* unsu
       *unsupported = true;
       return false;
     }
-    return Status::FromErrno(errno, path + ": testing lock byte " + std::to_string(byte) +
-                                        " failed");
+    return Status::FromErrno(errno,
+                             path + ": testing lock byte " + std::to_string(byte) + " failed");
   }
   return lock.l_type != F_UNLCK;
 }

@@ -32,7 +32,7 @@
 namespace zqcow::io {
 
 enum class ImageLock : uint8_t {
-  kAuto,    // io::FileOptions only: kWrite when opened writable, else kRead
+  kAuto,  // io::FileOptions only: kWrite when opened writable, else kRead
   kRead,
   kWrite,
   kShared,

@@ -253,8 +253,8 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
     return Status::FromErrno(EISDIR, path + ": open failed");
   }
   const ImageLock lock = options.lock != ImageLock::kAuto ? options.lock
-                         : options.writable                ? ImageLock::kWrite
-                                                           : ImageLock::kRead;
+                         : options.writable               ? ImageLock::kWrite
+                                                          : ImageLock::kRead;
   Status locked = LockImage(fd, path, lock);
   if (!locked.ok()) {
     ::close(fd);
