@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,12 +26,40 @@ constexpr int kProgressSteps = 10;  // non-terminal: one line per 10%
 constexpr auto kRedrawInterval = std::chrono::milliseconds(100);
 constexpr double kBytesPerMiB = 1024.0 * 1024.0;
 
+// Signals closer together than this are one request to stop: `timeout` sends SIGTERM to
+// the process and then to its process group, a terminal's Ctrl-C reaches every process of
+// the foreground group, and the second copy must not kill the process before its final
+// flush. Only a signal that comes later is an impatient user's "kill it now".
+constexpr int64_t kSameRequestNanoseconds = 500'000'000;
+
 std::atomic<bool> g_cancel{false};
 volatile sig_atomic_t g_signal = 0;
+std::atomic<int64_t> g_first_signal_ns{0};
+static_assert(std::atomic<int64_t>::is_always_lock_free, "used in a signal handler");
+
+int64_t MonotonicNanoseconds() {
+  struct timespec now {};
+  clock_gettime(CLOCK_MONOTONIC, &now);  // async-signal-safe
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
 
 void OnCancelSignal(int signal_number) {
-  g_signal = signal_number;
-  g_cancel.store(true, std::memory_order_relaxed);
+  const int saved_errno = errno;
+  const int64_t now = MonotonicNanoseconds();
+  if (!g_cancel.load(std::memory_order_relaxed)) {
+    g_first_signal_ns.store(now, std::memory_order_relaxed);
+    g_signal = signal_number;
+    g_cancel.store(true, std::memory_order_relaxed);
+  } else if (now - g_first_signal_ns.load(std::memory_order_relaxed) > kSameRequestNanoseconds) {
+    // A separate, later request: die the default way. The signal is blocked while its
+    // handler runs, so the raised one arrives on return, with the default action.
+    struct sigaction default_action {};
+    default_action.sa_handler = SIG_DFL;
+    sigemptyset(&default_action.sa_mask);
+    sigaction(signal_number, &default_action, nullptr);
+    raise(signal_number);
+  }
+  errno = saved_errno;
 }
 
 std::string FormatEta(double seconds) {
@@ -177,9 +206,9 @@ void CancelSignals::Install() {
   struct sigaction action {};
   action.sa_handler = OnCancelSignal;
   sigemptyset(&action.sa_mask);
-  // A second signal of the same kind takes the default action: an impatient user can still
-  // kill the process outright.
-  action.sa_flags = SA_RESETHAND | SA_RESTART;
+  // A later second signal takes the default action (OnCancelSignal): an impatient user can
+  // still kill the process outright.
+  action.sa_flags = SA_RESTART;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
 }

@@ -60,8 +60,10 @@ Result<std::string> DetectFormat(const std::string& path);
 Result<std::string> ResolveFormat(const std::string& path, const std::string& requested);
 
 // SIGINT and SIGTERM handling for long operations. Install() makes both signals set the
-// flag returned by cancel_flag() (and remember the signal) instead of killing the process;
-// a second signal of the same kind kills the process the default way.
+// flag returned by cancel_flag() (and remember the signal) instead of killing the process.
+// Signals arriving together (within half a second of the first: `timeout` signals the
+// process and then its group) are one request; a later one kills the process the default
+// way.
 // Threading: call Install() from the main thread before starting worker threads.
 class CancelSignals {
  public:
