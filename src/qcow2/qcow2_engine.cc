@@ -467,10 +467,10 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
   Status s;
   if (cache_normal_clusters_) {
     // Through the cache: its writer thread writes the cluster, joined with its neighbours.
-    // An in-place cluster may still be cached (or in flight) from its first write: its old
-    // bytes are replaced, never written after the new ones.
-    if (in_place) write_cache_->Discard(host);
-    s = write_cache_->Write(host, whole);
+    // An in-place cluster may still be cached (or in flight) from its first write: Rewrite
+    // replaces its bytes in one step, so no reader or flush sees it without them, and a
+    // write of the old bytes never lands after the new ones.
+    s = in_place ? write_cache_->Rewrite(host, whole) : write_cache_->Write(host, whole);
   } else {
     s = file_->WriteAt(host, whole.data(), cluster_size_);
   }
