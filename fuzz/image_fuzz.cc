@@ -2,9 +2,10 @@
 //
 // Fuzzes the whole read path with hostile image files: the input is written to an in-memory
 // file (memfd), opened read-only with Image::Open, then every cluster of the first few MiB
-// of the virtual disk is read, mapped, and the image is checked (CheckImage) and its header
-// read (ReadImageInfo). Nothing may crash, hang or allocate without bound; run with
-// -rss_limit_mb=512 -timeout=10. Failures must be clean Status values naming the file.
+// of the virtual disk is read (at least two clusters per call), mapped, and the image is checked
+// (CheckImage) and its header read (ReadImageInfo). Nothing may crash, hang or allocate without
+// bound; run with -rss_limit_mb=512 -timeout=10. Failures must be clean Status values naming the
+// file.
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -43,7 +44,9 @@ void FuzzImage(const std::string& path) {
   const uint64_t cluster_size = (*image)->cluster_size();
   FUZZ_REQUIRE(cluster_size >= 512 && (cluster_size & (cluster_size - 1)) == 0);
   const uint64_t limit = std::min(virtual_size, kMaxBytesRead);
-  const uint64_t chunk = std::max(kReadChunk, cluster_size);
+  // At least two clusters per read: whole clusters read together take the grouped path
+  // (several compressed clusters' data with one request), large clusters included.
+  const uint64_t chunk = std::max(kReadChunk, 2 * cluster_size);
   std::vector<uint8_t> buffer(chunk);
   for (uint64_t offset = 0; offset < limit; offset += chunk) {
     const uint64_t length = std::min(chunk, limit - offset);

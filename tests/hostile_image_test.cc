@@ -506,6 +506,70 @@ TEST_F(HostileImageTest, OverlayIsReadButNotWritten) {
                    HostileCase{"backing", nullptr, Expect::kOpenFails, kUnsupported, {"backing"}});
 }
 
+// Grouped reads of compressed clusters (Image::Read of several whole clusters) read the data
+// of neighbouring compressed clusters with one request into a buffer sized for one group.
+// With cluster_bits >= 18 a descriptor may claim more sectors than a group holds (QEMU
+// accepts an overstated sector count: it decompresses until the cluster is full), so a first
+// entry with the largest span followed by a second entry at the same host offset once made
+// the grouped read write past its buffer. Both clusters must read as QEMU reads them.
+class OversizedSpanTest : public ::testing::TestWithParam<uint32_t> {};
+
+TEST_P(OversizedSpanTest, GroupedReadMatchesQemu) {
+  ASSERT_TRUE(testing::HaveQemu()) << "qemu-img/qemu-io missing: run scripts/setup";
+  const uint32_t cluster_size = GetParam();
+  int cluster_bits = 0;
+  while ((1u << cluster_bits) < cluster_size) ++cluster_bits;
+  TempDir dir;
+  const std::string path = dir.File("span.qcow2");
+  const std::string c = std::to_string(cluster_size);
+  auto r = RunCommand("qemu-img create -q -f qcow2 -o cluster_size=" + c + " " + ShellQuote(path) +
+                      " " + std::to_string(4ull * cluster_size) + " && qemu-io -f qcow2" +
+                      " -c 'write -c -P 0x33 0 " + c + "' -c 'write -c -P 0x44 " + c + " " + c +
+                      "' " + ShellQuote(path));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+
+  std::vector<uint8_t> bytes = ReadWholeFile(path);
+  const uint64_t l1_offset = format::LoadBE64(&bytes[kOffL1TableOffset]);
+  const uint64_t l2_offset = format::LoadBE64(&bytes[l1_offset]) & kOffsetMask;
+  const int offset_bits = 62 - (cluster_bits - 8);
+  const uint64_t offset_mask = (1ull << offset_bits) - 1;
+  const uint64_t sectors_max = (1ull << (cluster_bits - 8)) - 1;
+  const uint64_t first = format::LoadBE64(&bytes[l2_offset]);
+  ASSERT_NE(first & kCompressedFlag, 0u) << "qemu-io did not write a compressed cluster";
+  const uint64_t host = first & offset_mask;
+  // The first entry claims every sector the descriptor can express; the second points at
+  // the first one's data with its honest span.
+  Put64(bytes, l2_offset, kCompressedFlag | (sectors_max << offset_bits) | host);
+  Put64(bytes, l2_offset + 8, first);
+  // The file reaches past the largest span, so the oversized read is not cut by EOF.
+  const uint64_t span_end = host + (sectors_max + 1) * 512;
+  if (bytes.size() < span_end) bytes.resize(span_end, 0);
+  WriteWholeFile(path, bytes);
+
+  const std::string raw = dir.File("qemu.raw");
+  r = RunCommand("qemu-img convert -f qcow2 -O raw " + ShellQuote(path) + " " + ShellQuote(raw));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::vector<uint8_t> expected = ReadWholeFile(raw);
+  ASSERT_EQ(expected.size(), 4ull * cluster_size);
+  ASSERT_EQ(expected[cluster_size], 0x33) << "QEMU reads the second cluster differently";
+
+  auto image = Image::Open(path, OpenOptions{});
+  ASSERT_TRUE(image.ok()) << image.status().ToString();
+  std::vector<uint8_t> data(expected.size(), 0xee);
+  Status read = (*image)->Read(0, data);
+  ASSERT_TRUE(read.ok()) << read.ToString();
+  EXPECT_TRUE(data == expected) << "zqcow reads the image differently from QEMU";
+  EXPECT_TRUE((*image)->Close().ok());
+  auto check = CheckImage(path);
+  EXPECT_TRUE(check.ok()) << check.status().ToString();
+}
+
+INSTANTIATE_TEST_SUITE_P(ClusterSizes, OversizedSpanTest,
+                         ::testing::Values(256u << 10, 512u << 10, 2u << 20),
+                         [](const ::testing::TestParamInfo<uint32_t>& info) {
+                           return std::to_string(info.param >> 10) + "k";
+                         });
+
 TEST_F(HostileImageTest, MissingFileIsNotFound) {
   const std::string path = dir_.File("missing.qcow2");
   auto image = Image::Open(path, OpenOptions{});

@@ -10,17 +10,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <span>
+
+#include "format/probe.h"
 
 namespace zqcow::cli {
 namespace {
 
 constexpr uint64_t kKiB = 1024;
-constexpr char kQcow2Magic[4] = {'Q', 'F', 'I', '\xfb'};
 constexpr int kJsonIndent = 4;
 constexpr int kProgressSteps = 10;  // non-terminal: one line per 10%
 constexpr auto kRedrawInterval = std::chrono::milliseconds(100);
@@ -173,19 +176,31 @@ Result<uint64_t> ParseSize(std::string_view text, std::string_view what) {
 Result<std::string> DetectFormat(const std::string& path) {
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Status::FromErrno(errno, path);
-  char magic[sizeof(kQcow2Magic)] = {};
-  ssize_t n;
-  do {
-    n = pread(fd, magic, sizeof(magic), 0);
-  } while (n < 0 && errno == EINTR);
-  int err = errno;
-  close(fd);
-  if (n < 0) return Status::FromErrno(err, path);
-  if (n == static_cast<ssize_t>(sizeof(magic)) &&
-      std::equal(magic, magic + sizeof(magic), kQcow2Magic)) {
-    return std::string(kFormatQcow2);
+  struct stat st {};
+  uint64_t size = 0;
+  std::array<uint8_t, format::kProbeBytes> head{};
+  size_t got = 0;
+  int err = 0;
+  if (fstat(fd, &st) != 0) {
+    err = errno;
+  } else if (S_ISBLK(st.st_mode)) {
+    const off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) err = errno;
+    size = end < 0 ? 0 : static_cast<uint64_t>(end);
+  } else {
+    size = static_cast<uint64_t>(st.st_size);
   }
-  return std::string(kFormatRaw);
+  while (err == 0 && got < head.size()) {
+    const ssize_t n = pread(fd, head.data() + got, head.size() - got, static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) err = errno;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  close(fd);
+  if (err != 0) return Status::FromErrno(err, path);
+  return std::string(
+      format::ProbeImageFormat(std::span<const uint8_t>(head).first(got), size, path));
 }
 
 Result<std::string> ResolveFormat(const std::string& path, const std::string& requested) {
@@ -196,7 +211,11 @@ Result<std::string> ResolveFormat(const std::string& path, const std::string& re
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     return Status::NotSupported(path + ": not a regular file or block device");
   }
-  if (requested.empty()) return DetectFormat(path);
+  if (requested.empty()) {
+    ZQ_ASSIGN_OR_RETURN(std::string detected, DetectFormat(path));
+    ZQ_RETURN_IF_ERROR(format::CheckReadableFormat(path, detected));
+    return detected;
+  }
   if (requested == kFormatRaw || requested == kFormatQcow2) return requested;
   return Status::InvalidArgument(
       fmt::format("{}: unknown image format '{}' (expected raw or qcow2)", path, requested));

@@ -51,12 +51,14 @@ Result<uint64_t> ParseSize(std::string_view text, std::string_view what);
 // Parses a decimal integer (optionally negative). `what` names it in the error message.
 Result<int64_t> ParseInteger(std::string_view text, std::string_view what);
 
-// Image formats the CLI reads. Detection: the qcow2 magic "QFI\xfb" at offset 0 => qcow2,
-// else raw.
+// Image formats the CLI reads. Detection is qemu-img's (src/format/probe.h): DetectFormat
+// returns whatever qemu-img would call the file ("qcow2", "raw", "vmdk", "vdi", ...).
 inline constexpr std::string_view kFormatRaw = "raw";
 inline constexpr std::string_view kFormatQcow2 = "qcow2";
 Result<std::string> DetectFormat(const std::string& path);
-// `requested` is "" (detect), "raw" or "qcow2"; anything else is kInvalidArgument.
+// `requested` is "" (detect), "raw" or "qcow2"; anything else is kInvalidArgument. A file
+// detected as a format zqcow does not read is kNotSupported naming the format; "raw" reads
+// any file as raw.
 Result<std::string> ResolveFormat(const std::string& path, const std::string& requested);
 
 // SIGINT and SIGTERM handling for long operations. Install() makes both signals set the

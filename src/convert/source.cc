@@ -1,24 +1,22 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// Opening a source: format detection by the qcow2 magic, and the checks that give a clear
-// error when the format given does not match the file.
+// Opening a source: format detection as qemu-img probes (format/probe.h), and the checks
+// that give a clear error when the file is of a format zqcow does not read or the format
+// given does not match the file.
 
 #include "convert/source.h"
 
-#include <algorithm>
-#include <array>
-#include <cstring>
 #include <utility>
 
-#include "io/aligned_buffer.h"
+#include "format/probe.h"
+#include "qcow2/backing.h"
 
 namespace zqcow::convert {
 
 namespace {
 
-constexpr std::array<uint8_t, 4> kQcow2Magic = {'Q', 'F', 'I', 0xfb};
-constexpr const char* kFormatRaw = "raw";
-constexpr const char* kFormatQcow2 = "qcow2";
+using format::kFormatQcow2;
+using format::kFormatRaw;
 
 // Makes sure a failure names the source file.
 Status NameFile(const Status& status, const std::string& path) {
@@ -26,23 +24,13 @@ Status NameFile(const Status& status, const std::string& path) {
   return status.WithPrefix(path);
 }
 
-// Whether the file starts with the qcow2 magic. Reads one aligned block (O_DIRECT-safe).
-Result<bool> HasQcow2Magic(io::File& file, uint64_t size) {
-  if (size < kQcow2Magic.size()) return false;
-  const size_t alignment = std::max<size_t>(file.alignment(), io::kBufferAlignment);
-  io::AlignedBuffer block(alignment, alignment);
-  ZQ_ASSIGN_OR_RETURN(size_t got, file.ReadAt(0, block.data(), block.size()));
-  if (got < kQcow2Magic.size()) return false;
-  return std::memcmp(block.data(), kQcow2Magic.data(), kQcow2Magic.size()) == 0;
-}
-
 }  // namespace
 
 Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options) {
-  const std::string& format = options.format;
+  const std::string& requested = options.format;
   const bool direct_io = options.direct_io;
-  if (!format.empty() && format != kFormatRaw && format != kFormatQcow2) {
-    return Status::InvalidArgument(path + ": unknown source format '" + format +
+  if (!requested.empty() && requested != kFormatRaw && requested != kFormatQcow2) {
+    return Status::InvalidArgument(path + ": unknown source format '" + requested +
                                    "' (expected raw or qcow2)");
   }
   io::FileOptions file_options;
@@ -54,17 +42,19 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
   Result<uint64_t> size = file->Size();
   if (!size.ok()) return NameFile(size.status(), path);
 
-  if (format != kFormatRaw) {
-    Result<bool> is_qcow2 = HasQcow2Magic(*file, *size);
-    if (!is_qcow2.ok()) return NameFile(is_qcow2.status(), path);
-    if (*is_qcow2) {
+  // "-f raw" reads the bytes as they are, whatever they look like.
+  if (requested != kFormatRaw) {
+    Result<std::string> detected = qcow2::ProbeFileFormat(*file);
+    if (!detected.ok()) return NameFile(detected.status(), path);
+    ZQ_RETURN_IF_ERROR(format::CheckReadableFormat(path, *detected));
+    if (requested == kFormatQcow2 && *detected != kFormatQcow2) {
+      return Status::InvalidArgument(path + ": not a qcow2 image (it probes as raw)");
+    }
+    if (*detected == kFormatQcow2) {
       file.reset();  // the image opens the file itself
       Result<std::unique_ptr<Source>> source = OpenQcow2Source(path, direct_io, options.force_share);
       if (!source.ok()) return NameFile(source.status(), path);
       return source;
-    }
-    if (format == kFormatQcow2) {
-      return Status::InvalidArgument(path + ": not a qcow2 image (no QFI\\xfb magic at offset 0)");
     }
   }
   return MakeRawSource(std::move(file), *size);

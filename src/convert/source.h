@@ -79,10 +79,11 @@ struct SourceOptions {
   std::string bitmap;       // dirty bitmap to serve DirtyRanges from; "" for none
 };
 
-// Opens `path` as options.format: "raw", "qcow2", or "" to detect (the qcow2 magic at
-// offset 0 means qcow2, anything else raw). With direct_io the file is opened with O_DIRECT.
+// Opens `path` as options.format: "raw", "qcow2", or "" to detect as qemu-img does
+// (format/probe.h). With direct_io the file is opened with O_DIRECT.
 // Errors: kNotFound for a missing file; kInvalidArgument for an unknown format or when
-// "qcow2" is asked for a file that is not one; each names the file.
+// "qcow2" is asked for a file that is not one; kNotSupported for a file of another format
+// qemu-img recognises (vmdk, vdi, ...) unless "raw" is asked; each names the file.
 Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options);
 
 // The two kinds, for callers that know what they have. MakeRawSource takes an opened file

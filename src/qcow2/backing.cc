@@ -6,8 +6,8 @@
 #include <array>
 #include <utility>
 
-#include "format/endian.h"
 #include "format/header.h"
+#include "format/probe.h"
 #include "io/file.h"
 #include "qcow2/qcow2_image.h"
 
@@ -15,8 +15,8 @@ namespace zqcow::qcow2 {
 
 namespace {
 
-constexpr std::string_view kFormatQcow2 = "qcow2";
-constexpr std::string_view kFormatRaw = "raw";
+using format::kFormatQcow2;
+using format::kFormatRaw;
 
 class Qcow2Backing final : public BackingFile {
  public:
@@ -95,6 +95,15 @@ std::string ResolveName(const std::string& image_path, const std::string& name) 
 
 }  // namespace
 
+Result<std::string> ProbeFileFormat(io::File& file) {
+  ZQ_ASSIGN_OR_RETURN(uint64_t size, file.Size());
+  std::array<uint8_t, format::kProbeBytes> head{};
+  const size_t length = static_cast<size_t>(std::min<uint64_t>(size, head.size()));
+  ZQ_RETURN_IF_ERROR(io::ReadAnyRange(file, 0, std::span<uint8_t>(head).first(length)));
+  return std::string(
+      format::ProbeImageFormat(std::span<const uint8_t>(head).first(length), size, file.path()));
+}
+
 std::string BackingFormatOf(const format::Header& header) {
   for (const format::HeaderExtension& extension : header.extensions) {
     if (extension.type == format::kExtBackingFormat) {
@@ -114,10 +123,7 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
     return Status::NotSupported(what + ": backing chain deeper than " +
                                 std::to_string(kMaxBackingDepth) + " images (does it loop?)");
   }
-  if (!format.empty() && format != kFormatQcow2 && format != kFormatRaw) {
-    return Status::NotSupported(what + ": backing format '" + format +
-                                "' is not supported (qcow2 and raw are)");
-  }
+  if (!format.empty()) ZQ_RETURN_IF_ERROR(format::CheckReadableFormat(what, format));
   // io::OpenFile refuses anything but regular files and block devices before opening it:
   // a name from a hostile image cannot make us open a FIFO (which blocks).
   io::FileOptions file_options;
@@ -133,13 +139,16 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
   if (!opened.ok()) return opened.status().WithPrefix(what);
   std::unique_ptr<io::File> file = std::move(opened).value();
 
-  bool qcow2 = format == kFormatQcow2;
-  if (format.empty()) {
-    std::array<uint8_t, 4> magic{};
-    ZQ_RETURN_IF_ERROR(io::ReadAnyRange(*file, 0, magic).WithPrefix(what));
-    qcow2 = format::LoadBE32(magic.data()) == format::kQcowMagic;
+  std::string detected = format;
+  if (detected.empty()) {
+    // No backing format extension: probed as QEMU probes it. A vmdk, vdi... read as raw
+    // would give the overlay wrong data.
+    Result<std::string> probed = ProbeFileFormat(*file);
+    if (!probed.ok()) return probed.status().WithPrefix(what);
+    detected = std::move(probed).value();
+    ZQ_RETURN_IF_ERROR(format::CheckReadableFormat(what, detected));
   }
-  if (!qcow2) {
+  if (detected != kFormatQcow2) {
     ZQ_ASSIGN_OR_RETURN(uint64_t size, file->Size());
     return std::unique_ptr<BackingFile>(std::make_unique<RawBacking>(std::move(file), size));
   }

@@ -7,8 +7,8 @@
 //
 // Where the name points: an absolute name as is, a relative one relative to the directory
 // of the image that names it (as QEMU resolves it). The format comes from the image's
-// backing format header extension ("qcow2" or "raw"); without one, the file is probed
-// (the qcow2 magic means qcow2, anything else raw).
+// backing format header extension ("qcow2" or "raw"); without one, the file is probed as
+// qemu-img probes it (format/probe.h) and any format but qcow2 and raw is refused.
 //
 // Threading: Read and Map may be called from several threads at once.
 
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "format/header.h"
+#include "io/file.h"
 #include "zqcow/image.h"
 #include "zqcow/status.h"
 
@@ -52,11 +53,15 @@ class BackingFile {
 // The backing format header extension's text ("qcow2", "raw", ...); "" without one.
 std::string BackingFormatOf(const format::Header& header);
 
+// The format of `file` as qemu-img would detect it: format::ProbeImageFormat on its first
+// bytes (any offset alignment; O_DIRECT files are read through a bounce buffer).
+Result<std::string> ProbeFileFormat(io::File& file);
+
 // Opens backing file `name`, as named by the image at `image_path` whose backing format
 // extension says `format` ("" when it has none). `depth` is the number of images above the
 // one being opened (1 for the backing file of the top image). Errors name the image, the
 // backing file and the cause: kNotFound when it does not exist, kNotSupported for other
-// formats or a chain deeper than kMaxBackingDepth.
+// formats (named by the extension or detected) or a chain deeper than kMaxBackingDepth.
 Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_path,
                                                      const std::string& name,
                                                      const std::string& format, const IoOptions& io,

@@ -24,6 +24,7 @@ constexpr uint64_t kClusterSize = uint64_t{1} << kClusterBits;
 class RecordingCache : public CompressedWriteCache {
  public:
   Status Write(uint64_t, std::span<const uint8_t>) override { return Status::OK(); }
+  Status Rewrite(uint64_t, std::span<const uint8_t>) override { return Status::OK(); }
   Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) override {
     ends.emplace_back(host_cluster_offset, data_end);
     return Status::OK();

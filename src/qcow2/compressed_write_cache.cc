@@ -116,6 +116,17 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     return Status::OK();
   }
 
+  Status Rewrite(uint64_t host_cluster_offset, std::span<const uint8_t> cluster) override {
+    if (host_cluster_offset % cluster_size_ != 0 || cluster.size() != cluster_size_) {
+      assert(!"Rewrite: not one whole host cluster");
+      return Status::InvalidArgument(file_->path() + ": rewrite of " +
+                                     std::to_string(cluster.size()) + " bytes at host offset " +
+                                     Hex(host_cluster_offset) + " is not one whole cluster");
+    }
+    if (!options_.enabled) return WriteUncached(host_cluster_offset, cluster);
+    return WritePiece(host_cluster_offset, cluster, /*replace=*/true);
+  }
+
   Status SetClusterEnd(uint64_t host_cluster_offset, uint32_t data_end) override {
     if (host_cluster_offset % cluster_size_ != 0 || data_end == 0 || data_end > cluster_size_) {
       assert(!"SetClusterEnd: unaligned cluster or data end out of range");
@@ -349,8 +360,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
     return raw;
   }
 
-  // One piece: REQUIRES it lies within one host cluster.
-  Status WritePiece(uint64_t offset, std::span<const uint8_t> piece) {
+  // One piece: REQUIRES it lies within one host cluster. `replace` (a whole cluster):
+  // whatever the cluster held is overwritten; the old bytes stay cached until then.
+  Status WritePiece(uint64_t offset, std::span<const uint8_t> piece, bool replace = false) {
     const uint64_t unit_offset = io::AlignDown(offset, unit_size_);
     const uint32_t in_unit = static_cast<uint32_t>(offset - unit_offset);
     const uint32_t in_cluster = static_cast<uint32_t>(offset % cluster_size_);
@@ -405,6 +417,9 @@ class CompressedWriteCacheImpl final : public CompressedWriteCache {
       break;
     }
     ClusterFill& fill = unit->fills[ClusterIndex(offset)];
+    // Under the same lock as the copy below: no reader or flush sees the cluster without
+    // its old or its new bytes.
+    if (replace) fill = EmptyFill();
     if (in_cluster + length > fill.data_end || fill.received + length > fill.data_end) {
       assert(!"compressed piece beyond the cluster's data end, or overlapping");
       return Status::InvalidArgument(

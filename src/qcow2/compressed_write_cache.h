@@ -24,6 +24,7 @@
 // - Every host cluster that receives pieces is fresh: nothing else is ever written to it,
 //   and its first piece starts at offset 0 of the cluster, or pieces cover it from 0 up.
 //   (The allocator never continues a host cluster that a previous session half filled.)
+//   Rewrite is the one exception: it replaces a whole normal cluster in place.
 // - Pieces never overlap and never lie beyond a data end given by SetClusterEnd().
 //
 // Memory: at most max_clusters clusters are held (finished ones count until their write
@@ -129,6 +130,15 @@ class CompressedWriteCache {
   // bounce buffer when the file is O_DIRECT, so any offset and length work). Bytes of a
   // cached cluster that have not arrived read as zeros. Returns the sticky error if any.
   virtual Status Read(uint64_t host_offset, std::span<uint8_t> out) = 0;
+
+  // Replaces the bytes of host cluster `host_cluster_offset` (cluster-aligned) with
+  // `cluster` (exactly one cluster): a normal cluster rewritten in place, which the cache
+  // may still hold, be writing, or have written. Atomic for every other thread: a Read sees
+  // the old bytes or the new ones and a Flush writes one of them, never neither (the old
+  // bytes stay cached until the new ones overwrite them under the cache's lock), and a write
+  // of the old bytes in flight ends before the new ones are taken, so it never lands after
+  // them. Otherwise as Write (the exception to "every host cluster is fresh").
+  virtual Status Rewrite(uint64_t host_cluster_offset, std::span<const uint8_t> cluster) = 0;
 
   // Host cluster was freed (refcount reached 0): drop its cached bytes without writing
   // them, and wait until a write of it that is in flight has finished (so a stale write

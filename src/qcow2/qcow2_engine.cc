@@ -259,8 +259,12 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, uint64_t gu
       ++i;
       continue;
     }
+    // A group spans at most kReadGroupBytes, the first cluster's data included: from 256 KiB
+    // clusters on, a descriptor may claim more sectors than that (up to twice the cluster
+    // size; QEMU accepts an overstated count), and such a cluster is read alone.
     uint64_t group_end = start + first.compressed_span;
-    while (end < entries.size() && entries[end].kind == L2Entry::Kind::kCompressed) {
+    while (first.compressed_span <= kReadGroupBytes && end < entries.size() &&
+           entries[end].kind == L2Entry::Kind::kCompressed) {
       const uint64_t next = entries[end].host_offset.value();
       const uint64_t next_end = next + entries[end].compressed_span;
       if (next < start || next > group_end + kReadGapBytes || next_end - start > kReadGroupBytes) {
@@ -277,7 +281,9 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, uint64_t gu
     const uint64_t read_start = io::AlignDown(start, alignment);
     const uint64_t read_length = io::AlignUp(group_end, alignment) - read_start;
     if (group.size() < read_length) {
-      group = io::AlignedBuffer(kReadGroupBytes + 2 * alignment,
+      // Holds any group (at most kReadGroupBytes, widened by less than one alignment unit at
+      // each end), and this one whatever it is.
+      group = io::AlignedBuffer(std::max(read_length, kReadGroupBytes + 2 * alignment),
                                 std::max<size_t>(alignment, io::kBufferAlignment));
     }
     ZQ_RETURN_IF_ERROR(write_cache_->Read(read_start, group.span().first(read_length)));
@@ -461,10 +467,10 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
   Status s;
   if (cache_normal_clusters_) {
     // Through the cache: its writer thread writes the cluster, joined with its neighbours.
-    // An in-place cluster may still be cached (or in flight) from its first write: its old
-    // bytes are replaced, never written after the new ones.
-    if (in_place) write_cache_->Discard(host);
-    s = write_cache_->Write(host, whole);
+    // An in-place cluster may still be cached (or in flight) from its first write: Rewrite
+    // replaces its bytes in one step, so no reader or flush sees it without them, and a
+    // write of the old bytes never lands after the new ones.
+    s = in_place ? write_cache_->Rewrite(host, whole) : write_cache_->Write(host, whole);
   } else {
     s = file_->WriteAt(host, whole.data(), cluster_size_);
   }
