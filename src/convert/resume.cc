@@ -222,16 +222,7 @@ Result<ResumeRecord> ReadResumeRecord(const std::string& path) {
 
 Status CheckResumable(const ResumeRecord& stored, const ResumeRecord& current,
                       const std::string& partial, bool source_unchanged) {
-  // The options first: they say what the image is.
-  for (const auto& [key, value] : current) {
-    if (key.rfind(kSourcePrefix, 0) == 0) continue;
-    const std::string before = ValueOr(stored, key);
-    if (before != value) {
-      return Status::InvalidArgument(partial + ": cannot resume: " + key + " is '" + value +
-                                     "' but the interrupted conversion used '" + before +
-                                     "'; resume with the same options" + StartOver(partial));
-    }
-  }
+  // The source first: a changed one is the likelier mistake, and may change the size.
   const std::string files = ValueOr(current, "source.files");
   if (ValueOr(stored, "source.files") != files) {
     return Status::InvalidArgument(partial + ": cannot resume: the source reads " + files +
@@ -278,6 +269,16 @@ Status CheckResumable(const ResumeRecord& stored, const ResumeRecord& current,
                                        " changed since the interrupted conversion (" + what +
                                        " differs)" + StartOver(partial));
       }
+    }
+  }
+  // Then the options: they say what the image is.
+  for (const auto& [key, value] : current) {
+    if (key.rfind(kSourcePrefix, 0) == 0) continue;
+    const std::string before = ValueOr(stored, key);
+    if (before != value) {
+      return Status::InvalidArgument(partial + ": cannot resume: " + key + " is '" + value +
+                                     "' but the interrupted conversion used '" + before +
+                                     "'; resume with the same options" + StartOver(partial));
     }
   }
   return Status::OK();
