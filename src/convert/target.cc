@@ -74,10 +74,25 @@ Result<std::vector<ByteRange>> PresentRanges(Image& image) {
   return present;
 }
 
+// Whether `path` lacks even the qcow2 magic: a partial image killed before its header was
+// written, which holds no work.
+bool HoldsNoImage(const std::string& path) {
+  uint8_t magic[4] = {};
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const ssize_t got = ::pread(fd, magic, sizeof(magic), 0);
+  ::close(fd);
+  static constexpr uint8_t kQcow2Magic[4] = {'Q', 'F', 'I', 0xfb};
+  return got != static_cast<ssize_t>(sizeof(magic)) ||
+         std::memcmp(magic, kQcow2Magic, sizeof(magic)) != 0;
+}
+
+// `replace_partial`: remove a partial image already there (else refuse it).
 Result<PartialTarget> CreatePartial(const TargetPaths& paths, const ConvertOptions& options,
-                                    const ResumeRecord& record, uint64_t virtual_size) {
+                                    const ResumeRecord& record, uint64_t virtual_size,
+                                    bool replace_partial) {
   if (Exists(paths.partial)) {
-    if (!options.overwrite) {
+    if (!replace_partial) {
       return Status::AlreadyExists(paths.partial + ": an interrupted conversion to " +
                                    paths.target +
                                    " left this partial image; continue it with --resume, or "
@@ -171,9 +186,12 @@ Result<TargetPaths> PlanTarget(const std::string& path, const ConvertOptions& op
 Result<PartialTarget> OpenPartialTarget(const TargetPaths& paths, const ConvertOptions& options,
                                         const ResumeRecord& record, uint64_t virtual_size) {
   if (options.resume && Exists(paths.partial)) {
+    // Nothing to resume in a file that never got its header: start anew.
+    if (HoldsNoImage(paths.partial))
+      return CreatePartial(paths, options, record, virtual_size, true);
     return ReopenPartial(paths, options, record, virtual_size);
   }
-  return CreatePartial(paths, options, record, virtual_size);
+  return CreatePartial(paths, options, record, virtual_size, options.overwrite);
 }
 
 Status CommitTarget(const TargetPaths& paths) {

@@ -53,7 +53,8 @@ struct PartialTarget {
 // and syncs the directory. A partial image already there (an interrupted conversion) is
 // refused with kAlreadyExists saying to use --resume or --force; with options.overwrite
 // it is removed first. A record without its partial image is stale and replaced.
-// With options.resume and a partial image there: checks its record against `record`
+// With options.resume and a partial image there (one without even the qcow2 magic holds
+// no work and is replaced as above): checks its record against `record`
 // (CheckResumable), repairs the leaks the interruption left (qcow2::RepairLeaks), reopens
 // it for writing and lists the guest ranges it holds. options.wrap_target_file applies
 // to a created image only.
