@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "testing/test_util.h"
+#include "zqcow/convert.h"
 
 namespace zqcow {
 namespace {
@@ -275,13 +276,21 @@ TEST_F(CliTest, ClosedStandardStreamsNeverReachTheTarget) {
                  " convert -c -p -o compression_type=zstd,compression_level=19 " + Q(random) + " " +
                  Q(target_) + " >&- 2>&-' & pid=$!; sleep 1; kill -INT $pid; wait $pid");
   EXPECT_EQ(r.exit_code, 130) << r.output;
-  const std::vector<uint8_t> head = ReadWholeFile(target_);
+  // Interrupted: the work so far is in the partial image (DST is not there).
+  EXPECT_FALSE(std::filesystem::exists(target_));
+  const std::string partial = PartialTargetPath(target_);
+  const std::vector<uint8_t> head = ReadWholeFile(partial);
   ASSERT_GE(head.size(), 4u);
   EXPECT_EQ(std::string(head.begin(), head.begin() + 3), "QFI") << "the header was overwritten";
-  EXPECT_TRUE(DirtyBit(target_));
-  EXPECT_EQ(RunCommand("qemu-img check " + Q(target_)).exit_code, 0);
+  EXPECT_TRUE(DirtyBit(partial));
+  EXPECT_EQ(RunCommand("qemu-img check " + Q(partial)).exit_code, 0);
+  // Nor was the resume record overwritten: it is read, and tells the level it was made with.
+  r = Zqcow("convert -c -o compression_type=zstd,compression_level=1 --resume " + Q(random) + " " +
+            Q(target_));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("the interrupted conversion used '19'"), std::string::npos) << r.output;
   // A summary that cannot be written is an error.
-  r = Zqcow("info --output=json " + Q(target_) + " >/dev/full");
+  r = Zqcow("info --output=json " + Q(partial) + " >/dev/full");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("standard output"), std::string::npos) << r.output;
   r = Zqcow("bogus");
@@ -539,7 +548,8 @@ TEST_F(CliTest, MapAgreesWithQemuImg) {
 }
 
 // Starts `zqcow convert` on `source`, interrupts it with `signal_number` as soon as the
-// target exists, and returns the exit code (or -1 when killed) and the output.
+// target's partial image exists, and returns the exit code (or -1 when killed) and the
+// output.
 CommandResult ConvertAndInterrupt(const std::string& source, const std::string& target,
                                   const std::string& log, int signal_number) {
   std::string binary = ZqcowBinary();
@@ -566,7 +576,7 @@ CommandResult ConvertAndInterrupt(const std::string& source, const std::string& 
       break;
     }
     struct stat st {};
-    if (stat(target.c_str(), &st) == 0 && st.st_size > 0) break;
+    if (stat(PartialTargetPath(target).c_str(), &st) == 0 && st.st_size > 0) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   if (!exited) {
@@ -579,7 +589,7 @@ CommandResult ConvertAndInterrupt(const std::string& source, const std::string& 
   return result;
 }
 
-TEST_F(CliTest, SignalsInterruptTheConversionAndLeaveItIncomplete) {
+TEST_F(CliTest, SignalsInterruptTheConversionAndLeaveOnlyAnIncompletePartialImage) {
   for (int signal_number : {SIGINT, SIGTERM}) {
     SCOPED_TRACE(signal_number == SIGINT ? "SIGINT" : "SIGTERM");
     // If the conversion outran the signal, retry with a larger source: the test must see
@@ -594,14 +604,20 @@ TEST_F(CliTest, SignalsInterruptTheConversionAndLeaveItIncomplete) {
     EXPECT_EQ(r.exit_code, signal_number == SIGINT ? kExitSigint : kExitSigterm) << r.output;
     EXPECT_NE(r.output.find("interrupted"), std::string::npos) << r.output;
     EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
-    ASSERT_TRUE(std::filesystem::exists(target_));
-    EXPECT_TRUE(DirtyBit(target_));
-    CommandResult info = Zqcow("info --output=json " + Q(target_));
+    // DST is not there; the work so far is in the partial image, marked incomplete.
+    EXPECT_FALSE(std::filesystem::exists(target_));
+    const std::string partial = PartialTargetPath(target_);
+    EXPECT_NE(r.output.find(partial), std::string::npos) << r.output;
+    ASSERT_TRUE(std::filesystem::exists(partial));
+    EXPECT_TRUE(DirtyBit(partial));
+    CommandResult info = Zqcow("info --output=json " + Q(partial));
     ASSERT_EQ(info.exit_code, 0) << info.output;
     EXPECT_EQ(ParseJson(info.output)["dirty-flag"], true);
-    CommandResult check = Zqcow("check " + Q(target_));
+    CommandResult check = Zqcow("check " + Q(partial));
     EXPECT_EQ(check.exit_code, 3) << check.output;
     EXPECT_NE(check.output.find("incomplete"), std::string::npos) << check.output;
+    std::filesystem::remove(partial);
+    std::filesystem::remove(partial + ".info");
   }
   std::filesystem::remove(source_);
 }

@@ -1,13 +1,16 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// Kills `zqcow convert -c` with SIGKILL at points spread over its run, for several option
-// combinations, and proves a crash never costs data:
-// - the target either has no qcow2 header yet (killed before it was written) or passes
-//   `qemu-img check` without corruption (leaks allowed);
-// - every guest range the target claims (qemu-img map: "present") holds exactly the
-//   source's bytes;
-// - `zqcow check` reports it as complete only when it is: a conversion that exited 0 (or
-//   was killed after closing the image) must equal the source; any other is marked dirty.
+// Kills `zqcow convert -c --force` with SIGKILL at points spread over its run, for several
+// option combinations, over the DST a first full run made, and proves a crash never costs
+// data and a file at DST is always complete:
+// - DST is the old image byte for byte, or (killed after the rename) a new one; either way
+//   `qemu-img check` finds it clean and it equals the source;
+// - the partial image DST.zqcow-partial either has no qcow2 header yet (killed before it
+//   was written) or passes `qemu-img check` without corruption (leaks allowed); every guest
+//   range it claims (qemu-img map: "present") holds exactly the source's bytes; `zqcow
+//   check` reports it as complete only when it is (killed after closing it, before the
+//   rename), else it is marked dirty;
+// - `convert --resume` then finishes it into a DST that is clean and equal to the source.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -28,6 +31,7 @@
 #include "format/endian.h"
 #include "format/header.h"
 #include "testing/test_util.h"
+#include "zqcow/convert.h"
 
 extern char** environ;
 
@@ -125,7 +129,17 @@ class CrashTest : public ::testing::TestWithParam<Variant> {
     return args;
   }
 
-  // The checks after one (possibly killed) run.
+  // DST: always a complete image equal to the source (the old one, or a new one).
+  void VerifyTarget(const std::string& target) {
+    ASSERT_EQ(access(target.c_str(), F_OK), 0) << "DST disappeared";
+    EXPECT_EQ(testing::QemuImgCheck(target).exit_code, 0);
+    EXPECT_EQ(testing::QemuImgCompare(source_, "raw", target, "qcow2").exit_code, 0);
+    auto zq = RunCommand(ShellQuote(testing::ZqcowBinary()) + " check " + ShellQuote(target));
+    EXPECT_EQ(zq.exit_code, 0) << zq.output;
+  }
+
+  // The checks after one (possibly killed) run, on the image it was writing: `target`
+  // after a finished run, DST's partial image after a killed one.
   void Verify(const std::string& target, const RunResult& run, const std::string& where) {
     SCOPED_TRACE(where);
     const bool finished = !run.killed && run.exit_code == 0;
@@ -205,6 +219,7 @@ std::vector<uint8_t>* CrashTest::source_bytes_ = nullptr;
 
 TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
   const std::string target = work_.File("target.qcow2");
+  const std::string partial = PartialTargetPath(target);
   // One full run to learn how long a conversion takes, and to check the finished image.
   const auto start = std::chrono::steady_clock::now();
   RunResult full = RunAndKill(Args(target), std::chrono::minutes(2));
@@ -213,18 +228,43 @@ TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
   ASSERT_NE(full.exit_code, kExecFailed);
   Verify(target, full, "full run");
   ASSERT_FALSE(HasFailure());
+  ASSERT_NE(access(partial.c_str(), F_OK), 0) << "a finished run left its partial image";
 
   const auto total = std::chrono::duration_cast<std::chrono::microseconds>(duration);
+  int replaced = 0;  // kills after the rename: DST is a new image
   for (int i = 0; i < kKillPoints; ++i) {
-    std::remove(target.c_str());
+    const std::vector<uint8_t> old_target = ReadWholeFile(target);
     // Kill points spread over the run, the last one near its end.
     const auto delay = total * (2 * i + 1) / (2 * kKillPoints);
+    const std::string where = "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
+                              std::to_string(total.count() / 1000) + " ms";
     RunResult run = RunAndKill(Args(target), delay);
-    Verify(target, run,
-           "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
-               std::to_string(total.count() / 1000) + " ms");
-    if (HasFatalFailure()) return;
+    {
+      SCOPED_TRACE(where);
+      VerifyTarget(target);
+      if (ReadWholeFile(target) != old_target) {
+        ++replaced;
+        EXPECT_NE(access(partial.c_str(), F_OK), 0) << "DST was replaced, the partial is left";
+      }
+    }
+    if (run.killed && access(partial.c_str(), F_OK) == 0) {
+      Verify(partial, run, where + ", partial image");
+      if (HasFatalFailure()) return;
+      // --resume finishes whatever the kill left.
+      std::vector<std::string> resume = Args(target);
+      resume.insert(resume.begin() + 1, "--resume");
+      RunResult resumed = RunAndKill(resume, std::chrono::minutes(2));
+      SCOPED_TRACE(where + ", resumed");
+      ASSERT_FALSE(resumed.killed);
+      ASSERT_EQ(resumed.exit_code, 0) << "--resume failed";
+      EXPECT_NE(access(partial.c_str(), F_OK), 0);
+      VerifyTarget(target);
+      if (HasFatalFailure()) return;
+    } else if (!run.killed) {
+      ASSERT_EQ(run.exit_code, 0);
+    }
   }
+  std::printf("  %d of %d kills came after the rename\n", replaced, kKillPoints);
   // Not vacuous: some kill landed after a checkpoint, and its data was checked above.
   EXPECT_GT(incomplete_with_data_, 0) << "no killed run left verified data behind";
 }

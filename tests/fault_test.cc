@@ -5,8 +5,11 @@
 // Faults: Convert with ConvertOptions::wrap_target_file. A clean run counts the target's
 // writes and syncs; then for every N from 1 to that count the Nth write fails (EIO, then
 // ENOSPC), and separately the Nth sync. Convert must return kIOError / kNoSpace (never OK,
-// never hang), and the target is left either without a valid header or consistent
-// (`qemu-img check`: no corruption) and marked incomplete (dirty).
+// never hang); the target (the clean run's image, replaced with --force only once a new
+// one is complete) is left byte for byte as it was; the partial image is left either
+// without a valid header or consistent (`qemu-img check`: no corruption) and marked
+// incomplete (dirty), and then --resume (without faults) finishes it into an image equal
+// to the source that `qemu-img check` finds clean.
 //
 // Durability: the Image API on a fault-injecting file that tracks unsynced writes; after a
 // successful Flush() more writes follow, then a simulated power failure (Crash()) at a random
@@ -84,9 +87,11 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
     options.workers = 2;
     options.overwrite = true;
     options.target_io.direct_io = GetParam().direct_io;
-    options.wrap_target_file = [controller](std::unique_ptr<io::File> file) {
-      return io::MakeFaultInjectingFile(std::move(file), controller);
-    };
+    if (controller != nullptr) {
+      options.wrap_target_file = [controller](std::unique_ptr<io::File> file) {
+        return io::MakeFaultInjectingFile(std::move(file), controller);
+      };
+    }
     return options;
   }
 
@@ -101,17 +106,30 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
     return future.get();
   }
 
-  // After a failed conversion: no header, or consistent and marked incomplete.
+  // After a failed conversion: the old target untouched; the partial image without a
+  // header, or consistent and marked incomplete, and then resumable.
   void VerifyFailedTarget(const std::string& where) {
     SCOPED_TRACE(where);
-    if (access(target_.c_str(), F_OK) != 0 || !HasQcowMagic(target_)) return;
-    auto check = testing::QemuImgCheck(target_);
+    EXPECT_TRUE(ReadWholeFile(target_) == clean_target_) << "a failed conversion changed DST";
+    const std::string partial = PartialTargetPath(target_);
+    if (access(partial.c_str(), F_OK) != 0 || !HasQcowMagic(partial)) return;
+    auto check = testing::QemuImgCheck(partial);
     ASSERT_TRUE(check.exit_code == 0 || check.exit_code == 3)
         << "corruption after a failed conversion:\n"
         << check.output;
-    auto info = ReadImageInfo(target_);
+    auto info = ReadImageInfo(partial);
     ASSERT_TRUE(info.ok()) << info.status().message();
     EXPECT_TRUE(info->dirty) << "a failed conversion left an image that looks complete";
+
+    ConvertOptions resume = Options(nullptr);
+    resume.resume = true;
+    auto resumed = RunConvert(resume);
+    ASSERT_TRUE(resumed.ok()) << "resume after a failed conversion: " << resumed.status().message();
+    EXPECT_EQ(testing::QemuImgCheck(target_).exit_code, 0);
+    EXPECT_EQ(testing::QemuImgCompare(source_, "raw", target_, "qcow2").exit_code, 0);
+    EXPECT_NE(access(partial.c_str(), F_OK), 0);
+    testing::WriteWholeFile(target_, clean_target_);  // the next fault point's old DST
+    ++resumed_;
   }
 
   void FailEveryNth(Op op, uint64_t count, int err, Status::Code expected_code) {
@@ -144,6 +162,8 @@ class FaultTest : public ::testing::TestWithParam<Geometry> {
   TempDir dir_;
   std::string source_;
   std::string target_;
+  std::vector<uint8_t> clean_target_;  // the clean run's image: DST during the fault runs
+  uint64_t resumed_ = 0;               // failed conversions resumed
 };
 
 TEST_P(FaultTest, EveryFailedWriteOrSyncIsReportedAndHarmless) {
@@ -152,6 +172,7 @@ TEST_P(FaultTest, EveryFailedWriteOrSyncIsReportedAndHarmless) {
   ASSERT_TRUE(result.ok()) << result.status().message();
   EXPECT_EQ(testing::QemuImgCheck(target_).exit_code, 0);
   EXPECT_EQ(testing::QemuImgCompare(source_, "raw", target_, "qcow2").exit_code, 0);
+  clean_target_ = ReadWholeFile(target_);
   const uint64_t writes = clean->count(Op::kWrite);
   const uint64_t syncs = clean->count(Op::kSync);
   ASSERT_GT(writes, 0u);
@@ -164,6 +185,8 @@ TEST_P(FaultTest, EveryFailedWriteOrSyncIsReportedAndHarmless) {
   FailEveryNth(Op::kWrite, writes, ENOSPC, Status::Code::kNoSpace);
   if (HasFatalFailure()) return;
   FailEveryNth(Op::kSync, syncs, EIO, Status::Code::kIOError);
+  // Not vacuous: failures left partial images with a header, and they were resumed.
+  EXPECT_GT(resumed_, 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Geometries, FaultTest,

@@ -2,8 +2,9 @@
 //
 // A really full file system: `zqcow convert` onto an 8 MiB tmpfs (buffered) and a 16 MiB
 // loop-mounted ext4 (buffered and O_DIRECT) of a source that cannot fit. The CLI must exit
-// non-zero with a one-line message naming the target and "No space left on device", and
-// leave no image that `zqcow check` reports as complete (and nothing QEMU calls corrupt).
+// non-zero with a one-line message naming the target and "No space left on device", leave
+// nothing at the target, and no partial image that `zqcow check` reports as complete (and
+// nothing QEMU calls corrupt).
 // Mounting needs root (CAP_SYS_ADMIN); without it the tests are skipped with the reason.
 
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include "format/endian.h"
 #include "format/header.h"
 #include "testing/test_util.h"
+#include "zqcow/convert.h"
 
 namespace zqcow {
 namespace {
@@ -77,12 +79,14 @@ class FullFsTest : public ::testing::Test {
     EXPECT_NE(message.find(target), std::string::npos) << "does not name the target: " << message;
     EXPECT_NE(message.find("No space left on device"), std::string::npos) << message;
 
-    if (access(target.c_str(), F_OK) == 0) {
-      auto zq = RunCommand(ShellQuote(testing::ZqcowBinary()) + " check " + ShellQuote(target));
+    EXPECT_NE(access(target.c_str(), F_OK), 0) << "a failed conversion left a file at DST";
+    const std::string partial = PartialTargetPath(target);
+    if (access(partial.c_str(), F_OK) == 0) {
+      auto zq = RunCommand(ShellQuote(testing::ZqcowBinary()) + " check " + ShellQuote(partial));
       EXPECT_NE(zq.exit_code, 0) << "a failed conversion looks complete:\n" << zq.output;
-      std::vector<uint8_t> bytes = testing::ReadWholeFile(target);
+      std::vector<uint8_t> bytes = testing::ReadWholeFile(partial);
       if (bytes.size() >= 4 && format::LoadBE32(bytes.data()) == format::kQcowMagic) {
-        auto check = testing::QemuImgCheck(target);
+        auto check = testing::QemuImgCheck(partial);
         EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.output;
       }
     }

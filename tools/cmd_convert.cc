@@ -39,6 +39,8 @@ struct ConvertArgs {
   bool progress = false;
   std::string output;  // "", "human" or "json"
   bool force = false;
+  bool resume = false;
+  bool source_unchanged = false;
   bool no_write_cache = false;
   double checkpoint_seconds = ConvertOptions().checkpoint_seconds;
   std::string write_cache_size;
@@ -63,6 +65,7 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   j["clusters_uncompressed"] = stats.clusters_uncompressed;
   j["clusters_zero"] = stats.clusters_zero;
   j["output_file_size"] = stats.output_file_size;
+  j["resumed_bytes"] = stats.resumed_bytes;
   j["wall_seconds"] = stats.wall_seconds;
   j["cpu_seconds"] = stats.cpu_seconds;
   j["throughput_mib_s"] = stats.throughput_mib_s;
@@ -106,6 +109,11 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   options.workers = args.workers;
   options.out_of_order = !args.in_order;
   options.overwrite = args.force;
+  if (args.source_unchanged && !args.resume) {
+    return Status::InvalidArgument("--source-unchanged: only means something with --resume");
+  }
+  options.resume = args.resume;
+  options.source_unchanged = args.source_unchanged;
   options.checkpoint_seconds = args.checkpoint_seconds;
   if (args.no_write_cache) {
     options.target_io.write_cache = IoOptions::WriteCache::kOff;
@@ -149,11 +157,14 @@ int RunConvert(const ConvertArgs& args) {
   if (!stats.ok()) {
     int signal_number = CancelSignals::received_signal();
     if (stats.status().code() == Status::Code::kInterrupted && signal_number != 0) {
+      const std::string partial = PartialTargetPath(args.target);
       struct stat st {};
-      bool exists = stat(args.target.c_str(), &st) == 0;
+      const bool kept = stat(partial.c_str(), &st) == 0;
+      const bool old_target = stat(args.target.c_str(), &st) == 0;
       PrintError(fmt::format(
-          "interrupted by {}: {} {}", CancelSignals::SignalName(signal_number), args.target,
-          exists ? "is left incomplete (its dirty bit is set)" : "was not created"));
+          "interrupted by {}: {} {}{}", CancelSignals::SignalName(signal_number), args.target,
+          old_target ? "is left as it was" : "was not created",
+          kept ? "; the work done so far is in " + partial + " (continue with --resume)" : ""));
       return kExitSignalBase + signal_number;
     }
     return ReportError(stats.status());
@@ -192,7 +203,14 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_flag("--in-order", args->in_order, "Write clusters in guest order")->excludes(w);
   app->add_flag("-p", args->progress, "Show progress on stderr and a summary at the end");
   app->add_option("--output", args->output, "Print a final summary: human or json");
-  app->add_flag("--force", args->force, "Overwrite DST if it exists");
+  app->add_flag("--force", args->force,
+                "Replace DST if it exists (once the new image is complete); without --resume, "
+                "also discard a partial image an interrupted conversion left");
+  app->add_flag("--resume", args->resume,
+                "Continue the interrupted conversion whose partial image DST.zqcow-partial "
+                "is left, if the options match and SRC did not change (else start anew)");
+  app->add_flag("--source-unchanged", args->source_unchanged,
+                "With --resume from a block device: your word that it did not change");
   CLI::Option* no_cache =
       app->add_flag("--no-write-cache", args->no_write_cache, "Disable the compressed write cache");
   app->add_option("--write-cache-size", args->write_cache_size,

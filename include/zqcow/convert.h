@@ -36,6 +36,9 @@ struct ConvertStats {
   uint64_t clusters_uncompressed = 0; // did not compress below one cluster, stored as is
   uint64_t clusters_zero = 0;         // left unallocated
   uint64_t output_file_size = 0;
+  // --resume: guest bytes the interrupted conversion's partial image already held, kept
+  // as they were (neither read again nor counted above).
+  uint64_t resumed_bytes = 0;
   double wall_seconds = 0;
   double cpu_seconds = 0;             // user + system of the whole process
   double throughput_mib_s = 0;        // virtual size / wall time
@@ -61,25 +64,43 @@ struct ConvertOptions {
   IoOptions target_io;            // -t none => target_io.direct_io
   unsigned workers = 0;           // -m; 0 = one per online core
   bool out_of_order = true;       // -W; false = clusters reach the image in guest order
-  bool overwrite = false;         // replace an existing target
+  // Replace an existing target (only once the new image is complete: see Convert), and
+  // without `resume` discard the partial image an interrupted conversion left.
+  bool overwrite = false;
+  // Continue the conversion whose partial image (PartialTargetPath) an interruption left,
+  // from its last checkpoint, if there is one (else start a new one): only for the same
+  // options and a source that did not change since (see `source_unchanged`); anything
+  // else is refused with kInvalidArgument, never continued silently.
+  bool resume = false;
+  // The user's word that a block device source did not change since the interrupted
+  // conversion (zqcow can tell for regular files only, by their size and times).
+  bool source_unchanged = false;
   // Checkpoint: every this many seconds the target is flushed (data, refcounts, L2/L1,
   // each synced), so a crash keeps everything converted before the last checkpoint as
   // valid, allocated data in an image that still says "incomplete". 0 = only at the end.
   double checkpoint_seconds = 5.0;
   // Called from the pipeline's coordinating thread every ~100 ms and at the end.
   std::function<void(const ConvertProgress&)> progress;
-  // When set and true, the conversion stops soon, leaves the target flushed (consistent)
-  // but marked incomplete (dirty bit), and returns kInterrupted.
+  // When set and true, the conversion stops soon, leaves the partial image flushed
+  // (consistent) but marked incomplete (dirty bit), and returns kInterrupted.
   const std::atomic<bool>* cancel = nullptr;
-  // Test hook: wraps the target's File (e.g. in a fault injector) before the image uses it.
+  // Test hook: wraps the target's File (e.g. in a fault injector) before the image uses it
+  // (a newly created image only, not one reopened by `resume`).
   std::function<std::unique_ptr<io::File>(std::unique_ptr<io::File>)> wrap_target_file;
 };
 
-// Converts `source` into a new qcow2 image at `target`. On failure the target is left
-// either consistent-but-incomplete (dirty bit set) or removed when nothing useful was
-// written; it is never left looking complete.
+// Converts `source` into a new qcow2 image at `target`, which only ever appears whole: the
+// image is written to PartialTargetPath(target) (beside it, with a resume record at that
+// path + ".info") and renamed onto `target` once it is closed clean and synced (then the
+// directory is synced). On failure, interruption or crash, `target` is absent (or, with
+// `overwrite`, the old file, untouched) and the partial image is left consistent but
+// marked incomplete (dirty bit), for `resume`; it never looks complete at `target`.
 Result<ConvertStats> Convert(const std::string& source, const std::string& target,
                              const ConvertOptions& options);
+
+// Where Convert writes the image for `target` until it is complete: "<target>.zqcow-partial"
+// in the same directory (beside the file a symbolic link `target` names).
+std::string PartialTargetPath(const std::string& target);
 
 }  // namespace zqcow
 

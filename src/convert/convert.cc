@@ -1,7 +1,8 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// zqcow::Convert: checks the options, opens the source, creates the target, runs the
-// pipeline, then closes the target as complete (success) or incomplete (failure/cancel).
+// zqcow::Convert: checks the options, opens the source, creates the partial target image
+// (or reopens it to resume), runs the pipeline, then closes the image as complete and
+// renames it onto the target (success) or leaves it incomplete (failure/cancel).
 
 #include "zqcow/convert.h"
 
@@ -17,6 +18,7 @@
 #include "codec/codec.h"
 #include "convert/pipeline.h"
 #include "convert/process_stats.h"
+#include "convert/resume.h"
 #include "convert/source.h"
 #include "convert/target.h"
 #include "io/aligned_buffer.h"
@@ -124,16 +126,32 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                                                    .force_share = options.force_share,
                                                    .bitmap = options.bitmap}));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
+  ZQ_ASSIGN_OR_RETURN(convert::TargetPaths paths, convert::PlanTarget(target, options));
+  ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));
 
   const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);
-  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image,
-                      convert::CreateTarget(target, options, virtual_size));
+  ZQ_ASSIGN_OR_RETURN(convert::ResumeRecord record,
+                      convert::DescribeConversion(*input, options, virtual_size));
+  ZQ_ASSIGN_OR_RETURN(convert::PartialTarget partial,
+                      convert::OpenPartialTarget(paths, options, record, virtual_size));
+  std::unique_ptr<Image> image = std::move(partial.image);
+  // A resumed image: the pipeline reads and writes only what it does not hold yet (so
+  // every cluster it writes is still unallocated, as for a new image).
+  uint64_t resumed_bytes = 0;
+  uint64_t resumed_clusters = 0;
+  for (const convert::ByteRange& range : partial.present) {
+    resumed_bytes += range.length;
+    resumed_clusters += (range.length + options.cluster_size - 1) / options.cluster_size;
+  }
+  if (!partial.present.empty()) {
+    input = convert::SkipPresentRanges(std::move(input), std::move(partial.present));
+  }
 
   convert::PipelineOptions pipeline_options;
   pipeline_options.cluster_size = options.cluster_size;
   pipeline_options.virtual_size = virtual_size;
   pipeline_options.out_of_order = options.out_of_order;
-  pipeline_options.target_path = target;
+  pipeline_options.target_path = paths.partial;
   pipeline_options.cancel = options.cancel;
   pipeline_options.progress = options.progress;
   pipeline_options.checkpoint_seconds = options.checkpoint_seconds;
@@ -144,23 +162,29 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
       convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors), &totals);
   (void)input->Close();  // read-only: nothing to lose
   if (!status.ok()) {
-    // Consistent on disk but marked incomplete; the pipeline's error is the one to report.
+    // The partial image stays, consistent on disk but marked incomplete (for --resume);
+    // the pipeline's error is the one to report.
     (void)image->CloseIncomplete();
     return status;
   }
-  // Close clears the dirty bit as its last write: if it fails, the image stays incomplete.
+  // Close clears the dirty bit as its last write: if it fails, the image stays incomplete
+  // (and is not renamed).
   ZQ_RETURN_IF_ERROR(image->Close());
   image.reset();
+  ZQ_RETURN_IF_ERROR(convert::CommitTarget(paths));
 
   ConvertStats stats;
   stats.virtual_size = virtual_size;
   stats.bytes_read = totals.bytes_read;
-  stats.zero_bytes_skipped = totals.zero_bytes_skipped;
+  // The pipeline counted the ranges it was told to skip as left unallocated.
+  stats.zero_bytes_skipped =
+      totals.zero_bytes_skipped - std::min(totals.zero_bytes_skipped, resumed_bytes);
   stats.compressed_bytes = totals.compressed_bytes;
   stats.clusters_compressed = totals.clusters_compressed;
   stats.clusters_uncompressed = totals.clusters_uncompressed;
-  stats.clusters_zero = totals.clusters_zero;
-  stats.output_file_size = FileSize(target);
+  stats.clusters_zero = totals.clusters_zero - std::min(totals.clusters_zero, resumed_clusters);
+  stats.resumed_bytes = resumed_bytes;
+  stats.output_file_size = FileSize(paths.target);
   stats.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
   stats.cpu_seconds = convert::ProcessCpuSeconds() - start_cpu;
@@ -169,6 +193,10 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                              : 0;
   stats.peak_rss_bytes = convert::PeakRssBytes();
   return stats;
+}
+
+std::string PartialTargetPath(const std::string& target) {
+  return convert::TargetFiles(target).partial;
 }
 
 }  // namespace zqcow

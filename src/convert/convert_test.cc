@@ -459,7 +459,7 @@ class CancellingFile final : public io::File {
   std::atomic<int64_t> writes_left_;
 };
 
-TEST(ConvertTest, CancelMidWayLeavesAConsistentIncompleteImage) {
+TEST(ConvertTest, CancelMidWayLeavesNoTargetAndAConsistentIncompletePartialImage) {
   ASSERT_TRUE(testing::HaveQemu());
   TempDir dir;
   const std::string source = dir.File("s.raw");
@@ -479,10 +479,13 @@ TEST(ConvertTest, CancelMidWayLeavesAConsistentIncompleteImage) {
   Result<ConvertStats> stats = Convert(source, target, options);
   ASSERT_FALSE(stats.ok());
   EXPECT_EQ(stats.status().code(), Status::Code::kInterrupted) << stats.status().ToString();
-  Result<ImageInfo> info = ReadImageInfo(target);
+  // Nothing at the target; the work so far in the partial image, marked incomplete.
+  EXPECT_NE(access(target.c_str(), F_OK), 0) << "an interrupted conversion created the target";
+  const std::string partial = PartialTargetPath(target);
+  Result<ImageInfo> info = ReadImageInfo(partial);
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   EXPECT_TRUE(info->dirty);
-  testing::CommandResult check = testing::QemuImgCheck(target);
+  testing::CommandResult check = testing::QemuImgCheck(partial);
   EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.output;  // no corruption
 }
 
@@ -507,8 +510,10 @@ TEST(ConvertTest, FullDiskUnderTheTargetFailsCleanly) {
     EXPECT_EQ(stats.status().code(), Status::Code::kNoSpace) << stats.status().ToString();
     EXPECT_NE(stats.status().message().find(target), std::string::npos);
     EXPECT_TRUE(controller->fired());
-    // Never looks complete: either the header is not there or the dirty bit is set.
-    Result<ImageInfo> info = ReadImageInfo(target);
+    // Nothing at the target; the partial image never looks complete: either its header is
+    // not there or its dirty bit is set.
+    EXPECT_NE(access(target.c_str(), F_OK), 0) << "a failed conversion created the target";
+    Result<ImageInfo> info = ReadImageInfo(PartialTargetPath(target));
     if (info.ok()) {
       EXPECT_TRUE(info->dirty);
     }

@@ -21,8 +21,7 @@ namespace zqcow::qcow2 {
 // The image owns the file; the write cache and every table write go through it, so a
 // fault-injecting wrapper sees all I/O.
 Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
-                                                 const CreateOptions& options,
-                                                 const IoOptions& io);
+                                                 const CreateOptions& options, const IoOptions& io);
 // `depth`: how many images above this one name it as their backing file (0 for an image
 // opened on its own). A read-only image opens its backing chain; a writable image with a
 // backing file is refused (kNotSupported).
@@ -33,6 +32,13 @@ Result<std::unique_ptr<Image>> OpenImageChain(const std::string& path, const Ope
                                               int depth);
 // CheckImage on an open file (read only through it).
 Result<CheckResult> CheckImageFile(io::File* file);
+// What an interrupted writer leaves (refcounts higher than the references: leaks) made
+// good, like `qemu-img check -r leaks`: each leaked refcount is lowered to the references
+// found, synced. Returns how many clusters were repaired. An image with any corruption is
+// refused (kCorruption, naming the first finding) and left untouched.
+// REQUIRES: no one else writes the image (it is not open for writing anywhere).
+Result<uint64_t> RepairLeaksOnFile(io::File* file);
+Result<uint64_t> RepairLeaks(const std::string& path);
 
 }  // namespace zqcow::qcow2
 
