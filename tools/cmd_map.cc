@@ -130,9 +130,7 @@ void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
 int RunMap(const MapArgs& args) {
   auto output = ParseOutputFormat(args.output);
   if (!output.ok()) return ReportError(output.status());
-  auto format = ResolveFormat(args.path, args.format);
-  if (!format.ok()) return ReportError(format.status());
-  auto source = GuestSource::Open(args.path, *format);
+  auto source = GuestSource::Open(args.path, args.format);
   if (!source.ok()) return ReportError(source.status());
   auto entries = BuildMap(**source);
   if (!entries.ok()) return ReportError(entries.status());
@@ -151,7 +149,10 @@ Subcommand AddMapCommand(CLI::App& parent) {
   CLI::App* app = parent.add_subcommand("map", "Show how an image's guest ranges are stored");
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
-  app->add_option("IMG", args->path, "The image")->required();
+  app->add_option("IMG", args->path,
+                  "The image (a file, or an NBD URI: nbd://HOST[:PORT]/EXPORT, "
+                  "nbd+unix:///EXPORT?socket=PATH)")
+      ->required();
   return {app, [args] { return RunMap(*args); }};
 }
 
