@@ -82,10 +82,10 @@ class Source {
 };
 
 struct SourceOptions {
-  std::string format;        // "raw", "qcow2", or "" to detect
-  bool direct_io = false;    // O_DIRECT (-T none)
-  bool force_share = false;  // -U: read without taking QEMU's image locks
-  std::string bitmap;        // dirty bitmap to serve DirtyRanges from; "" for none
+  std::string format;       // "raw", "qcow2", or "" to detect
+  bool direct_io = false;   // O_DIRECT (-T none)
+  bool force_share = false; // -U: read without taking QEMU's image locks
+  std::string bitmap;       // dirty bitmap to serve DirtyRanges from; "" for none
 };
 
 // Opens `path` as options.format: "raw", "qcow2", or "" to detect (the qcow2 magic at
