@@ -45,6 +45,8 @@ constexpr size_t kMaxConnections = 4;
 // How long the extra connections may take to open; those that do not are left out (a
 // server limiting its clients may accept the socket and never answer the handshake).
 constexpr auto kExtraConnectTimeout = std::chrono::seconds(5);
+// How long the first connection's handshake may take before the open fails.
+constexpr auto kConnectTimeout = std::chrono::seconds(30);
 // Largest read request when the server names no maximum block size (the NBD protocol's
 // default ceiling).
 constexpr uint64_t kDefaultMaxBlock = uint64_t{32} << 20;
@@ -384,22 +386,14 @@ Status NbdSource::PollOnce() {
   return failure;
 }
 
-// Opens up to kMaxConnections - 1 more connections next to `first`; keeps those that are
-// ready within kExtraConnectTimeout and agree on the size.
-void AddConnections(const std::string& uri, const std::vector<std::string>& contexts, uint64_t size,
-                    std::vector<Handle>& handles) {
-  std::vector<Handle> connecting;
-  for (size_t i = 1; i < kMaxConnections; ++i) {
-    Result<Handle> handle = NewHandle(uri, contexts);
-    if (!handle.ok()) break;
-    if (nbd_aio_connect_uri(handle->get(), uri.c_str()) == -1) break;
-    connecting.push_back(std::move(handle).value());
-  }
-  const auto deadline = std::chrono::steady_clock::now() + kExtraConnectTimeout;
+// Drives the handshakes of `handles` (started with nbd_aio_connect_uri) until each is
+// ready or failed, or `deadline` passes.
+void WaitForHandshakes(const std::vector<Handle>& handles,
+                       std::chrono::steady_clock::time_point deadline) {
   for (;;) {
     std::vector<pollfd> fds;
     std::vector<nbd_handle*> polled;
-    for (const Handle& handle : connecting) {
+    for (const Handle& handle : handles) {
       if (nbd_aio_is_connecting(handle.get()) != 1) continue;
       const int fd = nbd_aio_get_fd(handle.get());
       if (fd < 0) continue;
@@ -412,9 +406,9 @@ void AddConnections(const std::string& uri, const std::vector<std::string>& cont
     }
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
-    if (fds.empty() || left.count() <= 0) break;
+    if (fds.empty() || left.count() <= 0) return;
     const int ready = poll(fds.data(), fds.size(), static_cast<int>(left.count()));
-    if (ready < 0 && errno != EINTR) break;
+    if (ready < 0 && errno != EINTR) return;
     for (size_t i = 0; i < fds.size(); ++i) {
       if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) {
         (void)nbd_aio_notify_read(polled[i]);
@@ -423,6 +417,45 @@ void AddConnections(const std::string& uri, const std::vector<std::string>& cont
       }
     }
   }
+}
+
+// Connects to `uri` asking for `contexts`. A server that accepts the socket but does not
+// answer the handshake (qemu-nbd serving its only client, without -e) fails after
+// kConnectTimeout instead of hanging.
+Result<Handle> Connect(const std::string& uri, const std::vector<std::string>& contexts) {
+  ZQ_ASSIGN_OR_RETURN(Handle handle, NewHandle(uri, contexts));
+  if (uri.starts_with("nbds") && nbd_supports_tls(handle.get()) != 1) {
+    return Status::NotSupported(uri + ": TLS (nbds://) is not supported by this libnbd");
+  }
+  std::vector<Handle> handles;
+  if (nbd_aio_connect_uri(handle.get(), uri.c_str()) == -1) {
+    return Status::IOError(uri + ": cannot connect to the NBD server: " + LibnbdError());
+  }
+  handles.push_back(std::move(handle));
+  WaitForHandshakes(handles, std::chrono::steady_clock::now() + kConnectTimeout);
+  nbd_handle* h = handles.front().get();
+  if (nbd_aio_is_ready(h) == 1) return std::move(handles.front());
+  if (nbd_aio_is_connecting(h) == 1) {
+    return Status::IOError(
+        fmt::format("{}: cannot connect to the NBD server: no handshake within {} s (does it serve "
+                    "another client already? qemu-nbd takes more with -e N)",
+                    uri, kConnectTimeout.count()));
+  }
+  return Status::IOError(uri + ": cannot connect to the NBD server: " + LibnbdError());
+}
+
+// Opens up to kMaxConnections - 1 more connections next to the first; keeps those that
+// are ready within kExtraConnectTimeout and agree on the size.
+void AddConnections(const std::string& uri, const std::vector<std::string>& contexts, uint64_t size,
+                    std::vector<Handle>& handles) {
+  std::vector<Handle> connecting;
+  for (size_t i = 1; i < kMaxConnections; ++i) {
+    Result<Handle> handle = NewHandle(uri, contexts);
+    if (!handle.ok()) break;
+    if (nbd_aio_connect_uri(handle->get(), uri.c_str()) == -1) break;
+    connecting.push_back(std::move(handle).value());
+  }
+  WaitForHandshakes(connecting, std::chrono::steady_clock::now() + kExtraConnectTimeout);
   for (Handle& handle : connecting) {
     if (nbd_aio_is_ready(handle.get()) == 1 &&
         nbd_get_size(handle.get()) == static_cast<int64_t>(size)) {
@@ -452,13 +485,7 @@ Result<std::unique_ptr<Source>> OpenNbdSource(const std::string& uri,
     bitmap_context = std::string(kDirtyBitmapPrefix) + options.bitmap;
     contexts.push_back(bitmap_context);
   }
-  ZQ_ASSIGN_OR_RETURN(Handle first, NewHandle(uri, contexts));
-  if (uri.starts_with("nbds") && nbd_supports_tls(first.get()) != 1) {
-    return Status::NotSupported(uri + ": TLS (nbds://) is not supported by this libnbd");
-  }
-  if (nbd_connect_uri(first.get(), uri.c_str()) == -1) {
-    return Status::IOError(uri + ": cannot connect to the NBD server: " + LibnbdError());
-  }
+  ZQ_ASSIGN_OR_RETURN(Handle first, Connect(uri, contexts));
   const int64_t size = nbd_get_size(first.get());
   if (size < 0) return Status::IOError(uri + ": cannot get the export size: " + LibnbdError());
   const bool has_allocation = nbd_can_meta_context(first.get(), kBaseAllocation) == 1;
