@@ -293,6 +293,7 @@ TEST_F(NbdSourceTest, ServerKilledMidConversionFailsAndLeavesNoCompleteTarget) {
   while (stat(target_.c_str(), &st) != 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // reads in flight, likely
   server->Kill();
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
@@ -302,11 +303,30 @@ TEST_F(NbdSourceTest, ServerKilledMidConversionFailsAndLeavesNoCompleteTarget) {
   EXPECT_EQ(WEXITSTATUS(status), 1) << output;
   EXPECT_EQ(Lines(output), 1u) << output;
   EXPECT_NE(output.find(uri + ": "), std::string::npos) << output;
+  EXPECT_NE(output.find("the connection to the NBD server was lost"), std::string::npos) << output;
   if (stat(target_.c_str(), &st) == 0) {
     const std::vector<uint8_t> image = ReadWholeFile(target_);
     ASSERT_GT(image.size(), kHeaderIncompatibleFeaturesLastByte);
     EXPECT_TRUE(image[kHeaderIncompatibleFeaturesLastByte] & 1) << "the target looks complete";
   }
+}
+
+TEST_F(NbdSourceTest, MemoryStaysBoundedWhateverTheExportSize) {
+  if (testing::kSanitizerBuild) GTEST_SKIP() << "resident memory is only bounded in plain builds";
+  constexpr uint64_t kMaxRss = 64 * kMiB;
+  // 1 TiB that reads as zeros (block status says so: nothing is read) ...
+  auto empty = NbdServer::Nbdkit(dir_.path(), {"null", "1T"});
+  ASSERT_TRUE(empty);
+  nlohmann::json stats = ConvertOk(empty->uri());
+  EXPECT_EQ(stats.value("bytes_read", ~0ull), 0u);
+  EXPECT_LT(stats.value("peak_rss_bytes", ~0ull), kMaxRss);
+  empty.reset();
+  // ... and 48 MiB of data, all read over several connections.
+  auto full = NbdServer::Nbdkit(dir_.path(), {"pattern", "48M"});
+  ASSERT_TRUE(full);
+  stats = ConvertOk(full->uri());
+  EXPECT_EQ(stats.value("bytes_read", 0ull), 48 * kMiB);
+  EXPECT_LT(stats.value("peak_rss_bytes", ~0ull), kMaxRss);
 }
 
 TEST_F(NbdSourceTest, InfoMapAndCompareAgreeWithQemuImg) {

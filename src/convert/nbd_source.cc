@@ -173,6 +173,12 @@ class NbdSource final : public Source {
   Status ReadPieces(std::vector<Piece>& pieces);
   // Waits until one of the connections with requests in flight made progress.
   Status PollOnce();
+  // The connection failed (server killed, reset, shut down) while doing `what`: this and
+  // every later call fail, naming the URI and libnbd's cause.
+  Status Lost(const std::string& what) {
+    return Broken(Status::IOError(fmt::format(
+        "{}: the connection to the NBD server was lost while {} ({})", uri_, what, LibnbdError())));
+  }
   Status Broken(Status status) {
     if (broken_.ok()) broken_ = status;
     return status;
@@ -219,10 +225,11 @@ Result<std::vector<ByteRange>> NbdSource::Extents(const char* context, uint64_t 
     reply.error = 0;
     if (nbd_block_status(handles_.front().get(), std::min(ask, kBlockStatusBytes), pos, callback,
                          0) == -1) {
-      Status status = Status::IOError(
+      if (nbd_aio_is_dead(handles_.front().get()) == 1) {
+        return Lost(fmt::format("asking block status at offset {}", pos));
+      }
+      return Status::IOError(
           fmt::format("{}: block status at offset {} failed: {}", uri_, pos, LibnbdError()));
-      if (nbd_aio_is_dead(handles_.front().get()) == 1) return Broken(status);
-      return status;
     }
     if (reply.error != 0) {
       return Status::FromErrno(
@@ -319,9 +326,12 @@ Status NbdSource::ReadPieces(std::vector<Piece>& pieces) {
       Piece& piece = pieces[next];
       completion.user_data = &piece;
       if (nbd_aio_pread(handle, piece.buffer, piece.length, piece.offset, completion, 0) == -1) {
-        failure = Status::IOError(fmt::format("{}: reading {} bytes at offset {} failed: {}", uri_,
-                                              piece.length, piece.offset, LibnbdError()));
-        if (nbd_aio_is_dead(handle) == 1) failure = Broken(failure);
+        if (nbd_aio_is_dead(handle) == 1) {
+          failure = Lost(fmt::format("reading {} bytes at offset {}", piece.length, piece.offset));
+        } else {
+          failure = Status::IOError(fmt::format("{}: reading {} bytes at offset {} failed: {}",
+                                                uri_, piece.length, piece.offset, LibnbdError()));
+        }
         break;
       }
       ++next;
@@ -340,11 +350,18 @@ Status NbdSource::ReadPieces(std::vector<Piece>& pieces) {
   }
   if (!failure.ok()) return failure;
   for (const Piece& piece : pieces) {
-    if (piece.error != 0 || !piece.done) {
-      return Status::FromErrno(
-          piece.error != 0 ? piece.error : EIO,
-          fmt::format("{}: reading {} bytes at offset {}", uri_, piece.length, piece.offset));
+    if (piece.error == 0 && piece.done) continue;
+    const int error = piece.error != 0 ? piece.error : EIO;
+    if (error == ENOTCONN || error == ESHUTDOWN || error == ECONNRESET || error == EPIPE) {
+      // The server went away (killed, restarted, shut down) with the read in flight.
+      return Broken(Status::IOError(
+          fmt::format("{}: the connection to the NBD server was lost while reading {} bytes at "
+                      "offset {} ({})",
+                      uri_, piece.length, piece.offset, std::strerror(error)),
+          error));
     }
+    return Status::FromErrno(
+        error, fmt::format("{}: reading {} bytes at offset {}", uri_, piece.length, piece.offset));
   }
   return Status::OK();
 }
@@ -379,8 +396,7 @@ Status NbdSource::PollOnce() {
       rc = nbd_aio_notify_write(polled[i]);
     }
     if (rc == -1 && failure.ok()) {
-      failure = Broken(
-          Status::IOError(fmt::format("{}: the NBD connection failed: {}", uri_, LibnbdError())));
+      failure = Lost("reading");
     }
   }
   return failure;
