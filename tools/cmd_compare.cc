@@ -39,11 +39,11 @@ struct RangeState {
 };
 RangeState StateAt(const std::vector<ByteRange>& ranges, size_t& index, uint64_t pos,
                    uint64_t end) {
-  while (index < ranges.size() && ranges[index].end <= pos) ++index;
-  if (index < ranges.size() && ranges[index].begin <= pos) {
-    return {true, std::min(ranges[index].end, end)};
+  while (index < ranges.size() && ranges[index].end() <= pos) ++index;
+  if (index < ranges.size() && ranges[index].offset <= pos) {
+    return {true, std::min(ranges[index].end(), end)};
   }
-  return {false, index < ranges.size() ? std::min(ranges[index].begin, end) : end};
+  return {false, index < ranges.size() ? std::min(ranges[index].offset, end) : end};
 }
 
 std::optional<uint64_t> FirstNonZero(std::span<const uint8_t> data) {
@@ -92,13 +92,9 @@ Result<std::optional<uint64_t>> FindFirstDifference(GuestSource& a, GuestSource&
 }
 
 int RunCompare(const CompareArgs& args) {
-  auto a_format = ResolveFormat(args.a_path, args.a_format);
-  if (!a_format.ok()) return ReportError(a_format.status(), kExitCompareError);
-  auto b_format = ResolveFormat(args.b_path, args.b_format);
-  if (!b_format.ok()) return ReportError(b_format.status(), kExitCompareError);
-  auto a = GuestSource::Open(args.a_path, *a_format, args.force_share);
+  auto a = GuestSource::Open(args.a_path, args.a_format, args.force_share);
   if (!a.ok()) return ReportError(a.status(), kExitCompareError);
-  auto b = GuestSource::Open(args.b_path, *b_format, args.force_share);
+  auto b = GuestSource::Open(args.b_path, args.b_format, args.force_share);
   if (!b.ok()) return ReportError(b.status(), kExitCompareError);
   if ((*a)->size() != (*b)->size()) fmt::print("Warning: Image size mismatch!\n");
   auto diff = FindFirstDifference(**a, **b);
@@ -116,7 +112,8 @@ int RunCompare(const CompareArgs& args) {
 Subcommand AddCompareCommand(CLI::App& parent) {
   auto args = std::make_shared<CompareArgs>();
   CLI::App* app = parent.add_subcommand(
-      "compare", "Compare the guest contents of two images (raw or qcow2), like qemu-img compare");
+      "compare",
+      "Compare the guest contents of two images (raw, qcow2 or NBD URIs), like qemu-img compare");
   app->add_option("-f", args->a_format, "Format of A: raw or qcow2 (default: detect)");
   app->add_option("-F", args->b_format, "Format of B: raw or qcow2 (default: detect)");
   app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");

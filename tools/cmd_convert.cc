@@ -46,6 +46,7 @@ struct ConvertArgs {
   std::string write_cache_size;
   bool drop_page_cache = false;
   bool force_share = false;  // -U
+  std::string bitmap;
 };
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
@@ -115,6 +116,7 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   options.resume = args.resume;
   options.source_unchanged = args.source_unchanged;
   options.checkpoint_seconds = args.checkpoint_seconds;
+  options.bitmap = args.bitmap;
   if (args.no_write_cache) {
     options.target_io.write_cache = IoOptions::WriteCache::kOff;
   } else if (!args.write_cache_size.empty()) {
@@ -231,10 +233,15 @@ Subcommand AddConvertCommand(CLI::App& parent) {
           "SECONDS"));
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
+  app->add_option("--bitmap", args->bitmap,
+                  "NBD source: read the dirty bitmap NAME the server exports "
+                  "(qemu:dirty-bitmap:NAME) for an incremental backup");
   // SRC and DST are checked in `run` so that `-o help` works without them.
   app->add_flag("-U,--force-share", args->force_share,
                 "Read SRC even if another process writes it (qemu-img's -U); the copy may be torn");
-  app->add_option("SRC", args->source, "Source image (raw file, block device or qcow2)");
+  app->add_option("SRC", args->source,
+                  "Source image (raw file, block device, qcow2, or an NBD URI: "
+                  "nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)");
   app->add_option("DST", args->target, "Target qcow2 image");
   return {app, [args] {
             for (const std::string& arg : args->create_options) {

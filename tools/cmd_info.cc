@@ -15,6 +15,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "guest_source.h"
 #include "zqcow/image.h"
 
 namespace zqcow::cli {
@@ -135,9 +136,27 @@ void PrintHuman(const std::string& path, const std::string& format, const FileSi
   }
 }
 
+// An NBD export: what qemu-img info says of one (raw, its size; no file to measure).
+int RunNbdInfo(const InfoArgs& args, OutputFormat output) {
+  auto source = GuestSource::Open(args.path, args.format);
+  if (!source.ok()) return ReportError(source.status());
+  const uint64_t virtual_size = (*source)->size();
+  const std::string format = (*source)->format();
+  if (output == OutputFormat::kJson) {
+    PrintJson({{"virtual-size", virtual_size}, {"filename", args.path}, {"format", format}});
+  } else {
+    fmt::print("image: {}\n", args.path);
+    fmt::print("file format: {}\n", format);
+    fmt::print("virtual size: {} ({} bytes)\n", HumanSize(virtual_size), virtual_size);
+    fmt::print("disk size: unavailable\n");
+  }
+  return kExitOk;
+}
+
 int RunInfo(const InfoArgs& args) {
   auto output = ParseOutputFormat(args.output);
   if (!output.ok()) return ReportError(output.status());
+  if (convert::IsNbdUri(args.path)) return RunNbdInfo(args, *output);
   auto format = ResolveFormat(args.path, args.format);
   if (!format.ok()) return ReportError(format.status());
   auto sizes = StatFile(args.path);
@@ -165,7 +184,7 @@ Subcommand AddInfoCommand(CLI::App& parent) {
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
   app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
-  app->add_option("IMG", args->path, "The image")->required();
+  app->add_option("IMG", args->path, "The image (a file or an NBD URI)")->required();
   return {app, [args] { return RunInfo(*args); }};
 }
 

@@ -26,6 +26,7 @@ struct MapArgs {
   std::string format;
   std::string output = "human";
   bool force_share = false;  // -U
+  std::string bitmap;  // --bitmap: list the ranges this dirty bitmap marks instead
 };
 
 struct MapEntry {
@@ -128,13 +129,61 @@ void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
   }
 }
 
+// --bitmap: every range of the source with whether the bitmap marks it dirty, like
+// `nbdinfo --map=qemu:dirty-bitmap:NAME` (a debugging aid for incremental backups).
+Result<nlohmann::json> DirtyMap(GuestSource& source) {
+  nlohmann::json list = nlohmann::json::array();
+  auto add = [&list](uint64_t start, uint64_t stop, bool dirty) {
+    if (start < stop)
+      list.push_back({{"start", start}, {"length", stop - start}, {"dirty", dirty}});
+  };
+  for (uint64_t pos = 0; pos < source.size(); pos += kMapWindow) {
+    const uint64_t end = std::min(source.size(), pos + kMapWindow);
+    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> dirty, source.source().DirtyRanges(pos, end - pos));
+    uint64_t cursor = pos;
+    for (const ByteRange& range : dirty) {
+      add(cursor, range.offset, false);
+      add(range.offset, range.end(), true);
+      cursor = range.end();
+    }
+    add(cursor, end, false);
+  }
+  // Merge neighbours of the same state (window boundaries split them).
+  nlohmann::json merged = nlohmann::json::array();
+  for (auto& entry : list) {
+    if (!merged.empty() && merged.back()["dirty"] == entry["dirty"]) {
+      merged.back()["length"] =
+          merged.back()["length"].get<uint64_t>() + entry["length"].get<uint64_t>();
+    } else {
+      merged.push_back(std::move(entry));
+    }
+  }
+  return merged;
+}
+
+void PrintHumanDirty(const nlohmann::json& ranges) {
+  fmt::print("{:<16}{:<16}{}\n", "Offset", "Length", "State");
+  for (const auto& range : ranges) {
+    fmt::print("{:<#16x}{:<#16x}{}\n", range["start"].get<uint64_t>(),
+               range["length"].get<uint64_t>(), range["dirty"].get<bool>() ? "dirty" : "clean");
+  }
+}
+
 int RunMap(const MapArgs& args) {
   auto output = ParseOutputFormat(args.output);
   if (!output.ok()) return ReportError(output.status());
-  auto format = ResolveFormat(args.path, args.format);
-  if (!format.ok()) return ReportError(format.status());
-  auto source = GuestSource::Open(args.path, *format, args.force_share);
+  auto source = GuestSource::Open(args.path, args.format, args.force_share, args.bitmap);
   if (!source.ok()) return ReportError(source.status());
+  if (!args.bitmap.empty()) {
+    auto dirty = DirtyMap(**source);
+    if (!dirty.ok()) return ReportError(dirty.status());
+    if (*output == OutputFormat::kJson) {
+      PrintJson(*dirty);
+    } else {
+      PrintHumanDirty(*dirty);
+    }
+    return kExitOk;
+  }
   auto entries = BuildMap(**source);
   if (!entries.ok()) return ReportError(entries.status());
   if (*output == OutputFormat::kJson) {
@@ -153,7 +202,12 @@ Subcommand AddMapCommand(CLI::App& parent) {
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
   app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
-  app->add_option("IMG", args->path, "The image")->required();
+  app->add_option("--bitmap", args->bitmap,
+                  "NBD source: list the ranges the dirty bitmap NAME marks (dirty/clean)");
+  app->add_option("IMG", args->path,
+                  "The image (a file, or an NBD URI: nbd://HOST[:PORT]/EXPORT, "
+                  "nbd+unix:///EXPORT?socket=PATH)")
+      ->required();
   return {app, [args] { return RunMap(*args); }};
 }
 

@@ -1,7 +1,8 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// Read-only access to the guest contents of a raw file/block device or a qcow2 image, for
-// `compare` and `map`: sized reads and the map of which ranges read as zeros.
+// Read-only access to the guest contents of a raw file/block device, a qcow2 image or an
+// NBD export, for `info`, `compare` and `map`: a convert::Source (the one source interface
+// the converter reads through too) plus the padded reads and zero ranges the tools need.
 
 #ifndef ZQCOW_TOOLS_GUEST_SOURCE_H_
 #define ZQCOW_TOOLS_GUEST_SOURCE_H_
@@ -12,29 +13,30 @@
 #include <string>
 #include <vector>
 
+#include "convert/source.h"
 #include "zqcow/image.h"
 #include "zqcow/status.h"
 
 namespace zqcow::cli {
 
-// A half-open guest byte range [begin, end).
-struct ByteRange {
-  uint64_t begin = 0;
-  uint64_t end = 0;
-};
+using convert::ByteRange;
 
 class GuestSource {
  public:
-  // `format` is "raw" or "qcow2" (see ResolveFormat). A qcow2 image reads through its
-  // backing chain. force_share: read a qcow2 image another process writes (-U).
+  // `format` is "" (detect), "raw" or "qcow2" (see ResolveFormat; an NBD URI is read as
+  // raw). A qcow2 image reads through its backing chain. force_share: read an image another
+  // process writes (-U). `bitmap`: the dirty bitmap an NBD source is asked to export (see
+  // convert::SourceOptions::bitmap).
   static Result<std::unique_ptr<GuestSource>> Open(const std::string& path,
                                                    const std::string& format,
-                                                   bool force_share = false);
-  virtual ~GuestSource() = default;
+                                                   bool force_share = false,
+                                                   const std::string& bitmap = "");
 
-  const std::string& path() const { return path_; }
-  const std::string& format() const { return format_; }
-  virtual uint64_t size() const = 0;
+  const std::string& path() const { return source_->path(); }
+  std::string format() const { return source_->format(); }
+  uint64_t size() const { return source_->size(); }
+  bool is_nbd() const { return convert::IsNbdUri(path()); }
+  convert::Source& source() { return *source_; }
 
   // Reads guest bytes at [offset, offset + out.size()); bytes at or past size() read as
   // zeros.
@@ -45,17 +47,14 @@ class GuestSource {
   Result<std::vector<ByteRange>> ZeroRanges(uint64_t offset, uint64_t length);
   // Extents of [offset, offset + length), REQUIRES: offset + length <= size(). For raw
   // sources: kData (host_offset = guest offset) and kZero for holes.
-  virtual Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) = 0;
-
- protected:
-  GuestSource(std::string path, std::string format)
-      : path_(std::move(path)), format_(std::move(format)) {}
-  // REQUIRES: offset + out.size() <= size().
-  virtual Status Read(uint64_t offset, std::span<uint8_t> out) = 0;
+  Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) {
+    return source_->Map(offset, length);
+  }
 
  private:
-  std::string path_;
-  std::string format_;
+  explicit GuestSource(std::unique_ptr<convert::Source> source) : source_(std::move(source)) {}
+
+  std::unique_ptr<convert::Source> source_;
 };
 
 }  // namespace zqcow::cli

@@ -60,6 +60,12 @@ class Qcow2Source final : public Source {
     return ranges;
   }
 
+  // The image's own map: unallocated, zero, data and compressed clusters, with the depth
+  // in the backing chain they come from.
+  Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) override {
+    return image_->Map(offset, length);
+  }
+
   Status Read(std::span<const io::IoRequest> requests) override {
     for (const io::IoRequest& request : requests) {
       auto* out = static_cast<uint8_t*>(request.buffer);

@@ -27,6 +27,7 @@ Status NameFile(const Status& status, const std::string& path) {
 }  // namespace
 
 Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options) {
+  if (IsNbdUri(path)) return OpenNbdSource(path, options);
   const std::string& requested = options.format;
   const bool direct_io = options.direct_io;
   if (!requested.empty() && requested != kFormatRaw && requested != kFormatQcow2) {
@@ -58,6 +59,22 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
     }
   }
   return MakeRawSource(std::move(file), *size);
+}
+
+Result<std::vector<MapExtent>> Source::Map(uint64_t offset, uint64_t length) {
+  ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> data, DataRanges(offset, length));
+  std::vector<MapExtent> extents;
+  uint64_t pos = offset;
+  auto add = [&extents](uint64_t start, uint64_t stop, MapExtent::Kind kind) {
+    if (start < stop) extents.push_back({start, stop - start, kind, start, 0});
+  };
+  for (const ByteRange& range : data) {
+    add(pos, range.offset, MapExtent::Kind::kZero);
+    add(range.offset, range.end(), MapExtent::Kind::kData);
+    pos = range.end();
+  }
+  add(pos, offset + length, MapExtent::Kind::kZero);
+  return extents;
 }
 
 }  // namespace zqcow::convert

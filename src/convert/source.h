@@ -1,8 +1,9 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// What the pipeline reads from: a raw file or block device, or a qcow2 image, seen as a
-// flat range of guest bytes that can tell which parts may hold data (so holes, unallocated
-// and zero ranges are skipped without being read).
+// What the pipeline and the read-only tools (info, map, compare) read from: a raw file or
+// block device, a qcow2 image (with its backing chain) or an NBD export, seen as a flat
+// range of guest bytes that can tell which parts may hold data (so holes, unallocated and
+// zero ranges are skipped without being read).
 
 #ifndef ZQCOW_CONVERT_SOURCE_H_
 #define ZQCOW_CONVERT_SOURCE_H_
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "io/file.h"
+#include "zqcow/image.h"
 #include "zqcow/status.h"
 
 namespace zqcow::convert {
@@ -33,7 +35,7 @@ class Source {
   virtual ~Source() = default;
 
   virtual const std::string& path() const = 0;
-  // "raw" or "qcow2".
+  // "raw" or "qcow2". An NBD export is "raw" (its bytes are the guest's, as qemu-img says).
   virtual const char* format() const = 0;
   // Guest bytes the source holds (file or device size; qcow2 virtual size).
   virtual uint64_t size() const = 0;
@@ -44,6 +46,12 @@ class Source {
   // The parts of [offset, offset + length) that may hold non-zero bytes: sorted, disjoint,
   // inside the asked range. Everything outside them reads as zeros.
   virtual Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) = 0;
+
+  // How [offset, offset + length) is stored, as `map` shows it: sorted, contiguous extents
+  // covering the range. REQUIRES: offset + length <= size(). The default, for sources
+  // without layers (raw files, NBD exports), derives it from DataRanges: data ranges are
+  // kData, the rest kZero, each with host_offset = guest offset.
+  virtual Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length);
 
   // Reads every request (submitted together where the file layer can). Bytes at or past
   // size() read as zeros. REQUIRES: requests aligned to read_alignment().
@@ -65,7 +73,8 @@ class Source {
     return Status::NotSupported(path() + ": no dirty bitmap to read changes from");
   }
 
-  // Every file the source reads: its own and, for a qcow2 image, its backing chain's.
+  // Every file the source reads: its own and, for a qcow2 image, its backing chain's. None
+  // for an NBD export.
   virtual std::vector<std::string> files() const { return {path()}; }
 
   // Releases the file or image; reports errors the close finds. Idempotent.
@@ -81,16 +90,24 @@ struct SourceOptions {
 
 // Opens `path` as options.format: "raw", "qcow2", or "" to detect as qemu-img does
 // (format/probe.h). With direct_io the file is opened with O_DIRECT.
+// An NBD URI (IsNbdUri) opens the export through libnbd, read as raw.
 // Errors: kNotFound for a missing file; kInvalidArgument for an unknown format or when
 // "qcow2" is asked for a file that is not one; kNotSupported for a file of another format
 // qemu-img recognises (vmdk, vdi, ...) unless "raw" is asked; each names the file.
 Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options);
+
+// Whether `path` is an NBD URI: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH,
+// and the TLS (nbds...) and vsock forms libnbd knows.
+bool IsNbdUri(const std::string& path);
 
 // The two kinds, for callers that know what they have. MakeRawSource takes an opened file
 // and its size.
 std::unique_ptr<Source> MakeRawSource(std::unique_ptr<io::File> file, uint64_t size);
 Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io,
                                                 bool force_share = false);
+// An NBD export read through libnbd (src/convert/nbd_source.cc). options.bitmap asks for
+// the meta context qemu:dirty-bitmap:NAME, which DirtyRanges then reads.
+Result<std::unique_ptr<Source>> OpenNbdSource(const std::string& uri, const SourceOptions& options);
 
 }  // namespace zqcow::convert
 
