@@ -43,6 +43,9 @@ struct ConvertArgs {
   double checkpoint_seconds = ConvertOptions().checkpoint_seconds;
   std::string write_cache_size;
   bool drop_page_cache = false;
+  std::string backing_file;    // -B
+  std::string backing_format;  // -F
+  std::string bitmap;          // --bitmap
 };
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
@@ -61,6 +64,12 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   j["clusters_compressed"] = stats.clusters_compressed;
   j["clusters_uncompressed"] = stats.clusters_uncompressed;
   j["clusters_zero"] = stats.clusters_zero;
+  j["clusters_unchanged"] = stats.clusters_unchanged;
+  if (!options.backing_file.empty()) {
+    j["backing_file"] = options.backing_file;
+    j["backing_format"] = options.backing_format;
+  }
+  if (!options.bitmap.empty()) j["bitmap"] = options.bitmap;
   j["output_file_size"] = stats.output_file_size;
   j["wall_seconds"] = stats.wall_seconds;
   j["cpu_seconds"] = stats.cpu_seconds;
@@ -78,10 +87,10 @@ void PrintHumanSummary(const ConvertStats& stats) {
              stats.cpu_seconds, HumanSize(stats.peak_rss_bytes));
   fmt::print(
       "Output {} ({:.1f}% of the virtual size): {} clusters compressed, {} stored "
-      "uncompressed, {} zero; {} read, {} skipped as zero\n",
+      "uncompressed, {} zero, {} unchanged; {} read, {} skipped as zero\n",
       HumanSize(stats.output_file_size), ratio, stats.clusters_compressed,
-      stats.clusters_uncompressed, stats.clusters_zero, HumanSize(stats.bytes_read),
-      HumanSize(stats.zero_bytes_skipped));
+      stats.clusters_uncompressed, stats.clusters_zero, stats.clusters_unchanged,
+      HumanSize(stats.bytes_read), HumanSize(stats.zero_bytes_skipped));
 }
 
 // Builds ConvertOptions from the parsed arguments; usage mistakes are kInvalidArgument.
@@ -98,6 +107,18 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
         "-O: output format '{}' is not supported (zqcow writes qcow2 only)", args.output_format));
   }
   options.compress = args.compress;
+  if (!args.backing_format.empty() && args.backing_file.empty()) {
+    return Status::InvalidArgument("-F: needs a backing file (-B)");
+  }
+  if (!args.backing_format.empty() && args.backing_format != kFormatQcow2) {
+    return Status::InvalidArgument(
+        fmt::format("-F: backing format '{}' is not supported (only qcow2)", args.backing_format));
+  }
+  if (!args.bitmap.empty() && args.backing_file.empty()) {
+    return Status::InvalidArgument("--bitmap: needs the backing file it is relative to (-B)");
+  }
+  options.backing_file = args.backing_file;
+  options.bitmap = args.bitmap;
   ZQ_RETURN_IF_ERROR(ApplyCreateOptions(args.create_options, options));
   ZQ_ASSIGN_OR_RETURN(options.target_io.direct_io, ParseCacheMode(args.target_cache, "-t"));
   ZQ_ASSIGN_OR_RETURN(options.source_direct_io, ParseCacheMode(args.source_cache, "-T"));
@@ -211,6 +232,13 @@ Subcommand AddConvertCommand(CLI::App& parent) {
           "SECONDS"));
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
+  app->add_option("-B", args->backing_file,
+                  "Incremental backup: DST becomes an overlay of this qcow2 image (named as "
+                  "given; relative to DST's directory) holding only what changed");
+  app->add_option("-F", args->backing_format, "Format of the -B image (only qcow2)");
+  app->add_option("--bitmap", args->bitmap,
+                  "With -B: take the changed clusters from this dirty bitmap of the source "
+                  "(NBD qemu:dirty-bitmap:NAME) instead of comparing with the -B image");
   // SRC and DST are checked in `run` so that `-o help` works without them.
   app->add_option("SRC", args->source, "Source image (raw file, block device or qcow2)");
   app->add_option("DST", args->target, "Target qcow2 image");

@@ -52,6 +52,10 @@ class BackingFile {
 // The backing format header extension's text ("qcow2", "raw", ...); "" without one.
 std::string BackingFormatOf(const format::Header& header);
 
+// Where backing file `name`, as named by the image at `image_path`, is: an absolute name as
+// is, a relative one relative to the image's directory (as QEMU resolves it).
+std::string ResolveBackingName(const std::string& image_path, const std::string& name);
+
 // Opens backing file `name`, as named by the image at `image_path` whose backing format
 // extension says `format` ("" when it has none). `depth` is the number of images above the
 // one being opened (1 for the backing file of the top image). Errors name the image, the
