@@ -41,8 +41,8 @@ std::vector<uint8_t> MakeBase(const std::string& path, uint64_t size, uint32_t c
   return data;
 }
 
-std::unique_ptr<Image> CreateOverlay(const std::string& path, uint64_t size,
-                                     uint32_t cluster_size, const std::string& backing) {
+std::unique_ptr<Image> CreateOverlay(const std::string& path, uint64_t size, uint32_t cluster_size,
+                                     const std::string& backing) {
   CreateOptions options = ImageOptions(size, cluster_size, Compression::kZlib);
   options.backing_file = backing;
   auto created = Image::Create(path, options);
@@ -119,8 +119,8 @@ TEST_P(OverlayWriteTest, WritesKeepOrHideTheBackingDataExactlyWhereTheGuestSays)
   // A whole compressed cluster replaces backing data.
   auto compressor = testing::NewCompressor(Compression::kZlib);
   std::vector<uint8_t> text = MakeData(zqcow::testing::DataKind::kText, cluster, 3);
-  ASSERT_TRUE(testing::WriteCluster(overlay.get(), compressor.get(), 50 * uint64_t{cluster}, text)
-                  .ok());
+  ASSERT_TRUE(
+      testing::WriteCluster(overlay.get(), compressor.get(), 50 * uint64_t{cluster}, text).ok());
   twin.Write(50 * uint64_t{cluster}, text);
   // Across the backing file's end (its last partial cluster) and beyond it.
   write(base_size - 10, std::vector<uint8_t>(30, 0x77));
