@@ -249,6 +249,14 @@ TEST_F(IncrementalRefusals, BackingFileThatIsNotQcow2) {
   ExpectRefused("-B disk.raw disk.raw new.qcow2", "is not a qcow2 image");
 }
 
+TEST_F(IncrementalRefusals, IncompleteBackingFile) {
+  // The dirty bit (incompatible feature bit 0, the last byte of the field at offset 72).
+  auto bytes = testing::ReadWholeFile(dir_.File("full.qcow2"));
+  bytes.at(79) |= 1;
+  testing::WriteWholeFile(dir_.File("full.qcow2"), bytes);
+  ExpectRefused("-B full.qcow2 disk.raw new.qcow2", "is incomplete");
+}
+
 TEST_F(IncrementalRefusals, OtherBackingFormats) {
   ExpectRefused("-B full.qcow2 -F vmdk disk.raw new.qcow2",
                 "-F: backing format 'vmdk' is not supported");

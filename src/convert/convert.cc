@@ -115,8 +115,8 @@ bool HasQcow2Magic(const std::string& path) {
 
 // Incremental backups: opens the backing image PREVIOUS read-only (once; the pipeline
 // compares with it and maps it), after the checks that give a clear error: a format other
-// than qcow2, a missing file, a file that is not qcow2, the target being PREVIOUS or a file
-// of its chain, a source smaller than PREVIOUS.
+// than qcow2, a missing file, a file that is not qcow2, an incomplete one (dirty bit), the
+// target being PREVIOUS or a file of its chain, a source smaller than PREVIOUS.
 Result<std::unique_ptr<Image>> OpenPrevious(const std::string& target,
                                             const ConvertOptions& options, uint64_t virtual_size) {
   const std::string what = target + ": backing file '" + options.backing_file + "'";
@@ -136,7 +136,14 @@ Result<std::unique_ptr<Image>> OpenPrevious(const std::string& target,
   open.writable = false;
   Result<std::unique_ptr<Image>> previous = Image::Open(path, open);
   if (!previous.ok()) return previous.status().WithPrefix(what);
-  std::vector<std::string> chain = (*previous)->Info().backing_chain;
+  const ImageInfo info = (*previous)->Info();
+  if (info.dirty) {
+    // An interrupted backup is no base: its chain does not read as the disk did.
+    return Status::InvalidArgument(what +
+                                   " is incomplete (its dirty bit is set: the backup "
+                                   "that wrote it was interrupted)");
+  }
+  std::vector<std::string> chain = info.backing_chain;
   chain.insert(chain.begin(), path);
   const std::string same = SameFileAs(chain, target);
   if (!same.empty()) {
