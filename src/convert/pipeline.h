@@ -23,6 +23,14 @@
 //   caller   (the coordinating thread) reports progress every ~100 ms, watches the cancel
 //            flag, joins everything.
 //
+// Incremental mode (PipelineOptions::previous, an overlay target): the reader reads only
+// the ranges to consider (dirty per the source's bitmap, or all) and skips the rest as
+// unchanged; where it skips zeros inside them it makes zero clusters over the backing
+// chain's data (mapping the backing image). Workers classify each cluster they get:
+// zeros become zero clusters (without a bitmap only where the chain is not zero too), and
+// without a bitmap a cluster equal to what the chain reads is skipped, compared there so
+// the backing image is read and decompressed in parallel.
+//
 // The first error from any thread stops all of them: every blocking wait (free buffer,
 // next task, write turn) wakes up on stop, so nothing deadlocks on a full or empty queue.
 
