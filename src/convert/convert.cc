@@ -22,6 +22,8 @@
 #include "convert/process_stats.h"
 #include "convert/source.h"
 #include "convert/target.h"
+#include "format/endian.h"
+#include "format/header.h"
 #include "io/aligned_buffer.h"
 #include "qcow2/backing.h"
 
@@ -107,10 +109,10 @@ Status CheckNotSameFile(const convert::Source& source, const std::string& target
 }
 
 bool HasQcow2Magic(const std::string& path) {
-  std::array<char, 4> magic{};
+  std::array<uint8_t, 4> magic{};
   std::ifstream file(path, std::ios::binary);
-  return file.read(magic.data(), magic.size()) &&
-         magic == std::array<char, 4>{'Q', 'F', 'I', '\xfb'};
+  return file.read(reinterpret_cast<char*>(magic.data()), magic.size()) &&
+         format::LoadBE32(magic.data()) == format::kQcowMagic;
 }
 
 // Incremental backups: opens the backing image PREVIOUS read-only (once; the pipeline
