@@ -46,7 +46,9 @@ struct ConvertArgs {
   std::string write_cache_size;
   bool drop_page_cache = false;
   bool force_share = false;  // -U
-  std::string bitmap;
+  std::string backing_file;    // -B
+  std::string backing_format;  // -F
+  std::string bitmap;          // --bitmap
 };
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
@@ -65,6 +67,12 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   j["clusters_compressed"] = stats.clusters_compressed;
   j["clusters_uncompressed"] = stats.clusters_uncompressed;
   j["clusters_zero"] = stats.clusters_zero;
+  j["clusters_unchanged"] = stats.clusters_unchanged;
+  if (!options.backing_file.empty()) {
+    j["backing_file"] = options.backing_file;
+    j["backing_format"] = options.backing_format;
+  }
+  if (!options.bitmap.empty()) j["bitmap"] = options.bitmap;
   j["output_file_size"] = stats.output_file_size;
   j["resumed_bytes"] = stats.resumed_bytes;
   j["wall_seconds"] = stats.wall_seconds;
@@ -83,10 +91,10 @@ void PrintHumanSummary(const ConvertStats& stats) {
              stats.cpu_seconds, HumanSize(stats.peak_rss_bytes));
   fmt::print(
       "Output {} ({:.1f}% of the virtual size): {} clusters compressed, {} stored "
-      "uncompressed, {} zero; {} read, {} skipped as zero\n",
+      "uncompressed, {} zero, {} unchanged; {} read, {} skipped as zero\n",
       HumanSize(stats.output_file_size), ratio, stats.clusters_compressed,
-      stats.clusters_uncompressed, stats.clusters_zero, HumanSize(stats.bytes_read),
-      HumanSize(stats.zero_bytes_skipped));
+      stats.clusters_uncompressed, stats.clusters_zero, stats.clusters_unchanged,
+      HumanSize(stats.bytes_read), HumanSize(stats.zero_bytes_skipped));
 }
 
 // Builds ConvertOptions from the parsed arguments; usage mistakes are kInvalidArgument.
@@ -104,6 +112,18 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
         "-O: output format '{}' is not supported (zqcow writes qcow2 only)", args.output_format));
   }
   options.compress = args.compress;
+  if (!args.backing_format.empty() && args.backing_file.empty()) {
+    return Status::InvalidArgument("-F: needs a backing file (-B)");
+  }
+  if (!args.backing_format.empty() && args.backing_format != kFormatQcow2) {
+    return Status::InvalidArgument(
+        fmt::format("-F: backing format '{}' is not supported (only qcow2)", args.backing_format));
+  }
+  if (!args.bitmap.empty() && args.backing_file.empty()) {
+    return Status::InvalidArgument("--bitmap: needs the backing file it is relative to (-B)");
+  }
+  options.backing_file = args.backing_file;
+  options.bitmap = args.bitmap;
   ZQ_RETURN_IF_ERROR(ApplyCreateOptions(args.create_options, options));
   ZQ_ASSIGN_OR_RETURN(options.target_io.direct_io, ParseCacheMode(args.target_cache, "-t"));
   ZQ_ASSIGN_OR_RETURN(options.source_direct_io, ParseCacheMode(args.source_cache, "-T"));
@@ -233,9 +253,13 @@ Subcommand AddConvertCommand(CLI::App& parent) {
           "SECONDS"));
   app->add_flag("--drop-page-cache", args->drop_page_cache,
                 "Buffered target: drop written data from the page cache as it goes");
+  app->add_option("-B", args->backing_file,
+                  "Incremental backup: DST becomes an overlay of this qcow2 image (named as "
+                  "given; relative to DST's directory) holding only what changed");
+  app->add_option("-F", args->backing_format, "Format of the -B image (only qcow2)");
   app->add_option("--bitmap", args->bitmap,
-                  "NBD source: read the dirty bitmap NAME the server exports "
-                  "(qemu:dirty-bitmap:NAME) for an incremental backup");
+                  "With -B: take the changed clusters from this dirty bitmap of the source "
+                  "(NBD qemu:dirty-bitmap:NAME) instead of comparing with the -B image");
   // SRC and DST are checked in `run` so that `-o help` works without them.
   app->add_flag("-U,--force-share", args->force_share,
                 "Read SRC even if another process writes it (qemu-img's -U); the copy may be torn");

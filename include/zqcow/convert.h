@@ -34,7 +34,8 @@ struct ConvertStats {
   uint64_t compressed_bytes = 0;      // total size of the compressed streams written
   uint64_t clusters_compressed = 0;
   uint64_t clusters_uncompressed = 0; // did not compress below one cluster, stored as is
-  uint64_t clusters_zero = 0;         // left unallocated
+  uint64_t clusters_zero = 0;         // read as zeros: unallocated (or zero clusters)
+  uint64_t clusters_unchanged = 0;    // incremental: clean or equal to the backing chain
   uint64_t output_file_size = 0;
   // --resume: guest bytes the interrupted conversion's partial image already held, kept
   // as they were (neither read again nor counted above).

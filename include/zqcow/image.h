@@ -3,8 +3,10 @@
 // A qcow2 image (version 3; version 2 readable and writable as is). Create, open, read any
 // guest range, write normal or pre-compressed clusters, discard, flush, close. Opened
 // read-only, an image reads through its backing chain (qcow2 and raw backing files) and
-// may have internal snapshots (the active state is read); opened writable, it may have
-// neither.
+// may have internal snapshots (the active state is read); opened writable, it may have a
+// backing chain (an overlay: partial writes copy the rest of the cluster from the backing
+// data, zeroed clusters become zero clusters so the backing data stays hidden) but no
+// internal snapshots.
 //
 // Threading: every method may be called from several threads at once; metadata updates are
 // serialised inside, data I/O runs in parallel. WriteCompressed is built for many workers
@@ -38,6 +40,11 @@ struct CreateOptions {
   Compression compression = Compression::kZlib;
   uint32_t refcount_bits = 16;          // power of two, 1 .. 64
   bool overwrite = false;               // replace an existing file (else kAlreadyExists)
+  // An overlay: the image's unallocated clusters read from this file. Stored in the header
+  // as given; a relative name is relative to the new image's directory (as QEMU resolves
+  // it). It must open (kNotFound otherwise) as `backing_format` ("qcow2" or "raw").
+  std::string backing_file;             // "" = none
+  std::string backing_format = "qcow2";
 };
 
 struct IoOptions {
@@ -155,10 +162,12 @@ class Image {
   // The default implementation calls WriteCompressed for each cluster in turn.
   virtual Status WriteCompressedBatch(std::span<const CompressedCluster> clusters);
   // Makes the range read as zeros: whole clusters become zero clusters (v3) or unallocated
-  // (v2), their host clusters are released; partial clusters are written with zeros.
+  // (v2 without a backing file; a v2 overlay writes zeros), their host clusters are
+  // released; partial clusters are written with zeros.
   virtual Status WriteZeroes(uint64_t guest_offset, uint64_t length) = 0;
-  // Releases whole clusters in the range (they then read as zeros in v3, as unallocated in
-  // v2 with no backing file).
+  // Releases whole clusters in the range (they then read as zeros without a backing file;
+  // in an overlay they become zero clusters (v3) so the backing data stays hidden, and a v2
+  // overlay keeps them as they are).
   virtual Status Discard(uint64_t guest_offset, uint64_t length) = 0;
 
   // Extents covering [guest_offset, guest_offset + length), adjacent equal kinds merged.

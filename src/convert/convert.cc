@@ -1,8 +1,9 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// zqcow::Convert: checks the options, opens the source, creates the partial target image
-// (or reopens it to resume), runs the pipeline, then closes the image as complete and
-// renames it onto the target (success) or leaves it incomplete (failure/cancel).
+// zqcow::Convert: checks the options, opens the source (and, for an incremental backup, the
+// backing image), creates the partial target image (or reopens it to resume), runs the
+// pipeline, then closes the image as complete and renames it onto the target (success) or
+// leaves it incomplete (failure/cancel).
 
 #include "zqcow/convert.h"
 
@@ -10,7 +11,9 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <fstream>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -21,7 +24,10 @@
 #include "convert/resume.h"
 #include "convert/source.h"
 #include "convert/target.h"
+#include "format/endian.h"
+#include "format/header.h"
 #include "io/aligned_buffer.h"
+#include "qcow2/backing.h"
 
 namespace zqcow {
 
@@ -79,22 +85,83 @@ Result<std::vector<std::unique_ptr<codec::Compressor>>> MakeCompressors(
   return compressors;
 }
 
-// Refuses to write the target over a file the source reads (which --force would
-// truncate): the source itself or a file of its backing chain.
-Status CheckNotSameFile(const convert::Source& source, const std::string& target) {
+// The file of `files` that is `target` itself (same device and inode), or "".
+std::string SameFileAs(const std::vector<std::string>& files, const std::string& target) {
   struct stat target_stat {};
-  if (stat(target.c_str(), &target_stat) != 0) return Status::OK();
-  for (const std::string& file : source.files()) {
+  if (stat(target.c_str(), &target_stat) != 0) return "";
+  for (const std::string& file : files) {
     struct stat file_stat {};
     if (stat(file.c_str(), &file_stat) != 0) continue;
     if (file_stat.st_dev == target_stat.st_dev && file_stat.st_ino == target_stat.st_ino) {
-      return Status::InvalidArgument(
-          target + (file == source.path()
-                        ? ": target is the source file"
-                        : ": target is a backing file of the source " + source.path()));
+      return file;
     }
   }
-  return Status::OK();
+  return "";
+}
+
+// Refuses to write the target over a file the source reads (which --force would
+// truncate): the source itself or a file of its backing chain.
+Status CheckNotSameFile(const convert::Source& source, const std::string& target) {
+  const std::string same = SameFileAs(source.files(), target);
+  if (same.empty()) return Status::OK();
+  return Status::InvalidArgument(
+      target + (same == source.path()
+                    ? ": target is the source file"
+                    : ": target is a backing file of the source " + source.path()));
+}
+
+bool HasQcow2Magic(const std::string& path) {
+  std::array<uint8_t, 4> magic{};
+  std::ifstream file(path, std::ios::binary);
+  return file.read(reinterpret_cast<char*>(magic.data()), magic.size()) &&
+         format::LoadBE32(magic.data()) == format::kQcowMagic;
+}
+
+// Incremental backups: opens the backing image PREVIOUS read-only (once; the pipeline
+// compares with it and maps it), after the checks that give a clear error: a format other
+// than qcow2, a missing file, a file that is not qcow2, an incomplete one (dirty bit), the
+// target being PREVIOUS or a file of its chain, a source smaller than PREVIOUS.
+Result<std::unique_ptr<Image>> OpenPrevious(const std::string& target,
+                                            const ConvertOptions& options, uint64_t virtual_size) {
+  const std::string what = target + ": backing file '" + options.backing_file + "'";
+  if (options.backing_format != "qcow2") {
+    return Status::NotSupported(what + ": backing format '" + options.backing_format +
+                                "' is not supported (-F: only qcow2)");
+  }
+  const std::string path = qcow2::ResolveBackingName(target, options.backing_file);
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) {
+    return Status::NotFound(what + " (" + path + ") does not exist");
+  }
+  if (!HasQcow2Magic(path)) {
+    return Status::InvalidArgument(what + " (" + path + ") is not a qcow2 image");
+  }
+  OpenOptions open;
+  open.writable = false;
+  Result<std::unique_ptr<Image>> previous = Image::Open(path, open);
+  if (!previous.ok()) return previous.status().WithPrefix(what);
+  const ImageInfo info = (*previous)->Info();
+  if (info.dirty) {
+    // An interrupted backup is no base: its chain does not read as the disk did.
+    return Status::InvalidArgument(what +
+                                   " is incomplete (its dirty bit is set: the backup "
+                                   "that wrote it was interrupted)");
+  }
+  std::vector<std::string> chain = info.backing_chain;
+  chain.insert(chain.begin(), path);
+  const std::string same = SameFileAs(chain, target);
+  if (!same.empty()) {
+    return Status::InvalidArgument(target + ": target is " +
+                                   (same == path ? "the backing file" : "in the backing chain") +
+                                   " " + same);
+  }
+  if (virtual_size < (*previous)->virtual_size()) {
+    return Status::InvalidArgument(target + ": source is smaller (" + std::to_string(virtual_size) +
+                                   ") than the backing image " + options.backing_file + " (" +
+                                   std::to_string((*previous)->virtual_size()) +
+                                   "); a shrunk disk needs a full backup");
+  }
+  return previous;
 }
 
 uint64_t FileSize(const std::string& path) {
@@ -119,6 +186,10 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   // CPU (16 zstd workers with a context each took 1.7 s on 2 CPUs instead of 1.1 s: their
   // tables evicted each other from the caches at every switch).
   const unsigned compressors_wanted = std::min(WorkerCount(options.workers, false), UsableCpus());
+  if (!options.bitmap.empty() && options.backing_file.empty()) {
+    return Status::InvalidArgument(target + ": a dirty bitmap (" + options.bitmap +
+                                   ") needs the backing file it is relative to (-B)");
+  }
   ZQ_ASSIGN_OR_RETURN(auto compressors, MakeCompressors(target, options, compressors_wanted));
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
                       convert::OpenSource(source, {.format = options.source_format,
@@ -130,6 +201,15 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));
 
   const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);
+  std::unique_ptr<Image> previous;
+  if (!options.backing_file.empty()) {
+    ZQ_ASSIGN_OR_RETURN(previous, OpenPrevious(target, options, virtual_size));
+  }
+  if (!options.bitmap.empty() && input->size() > 0) {
+    // Fails now, before the target exists, when the source cannot serve the bitmap.
+    ZQ_RETURN_IF_ERROR(
+        input->DirtyRanges(0, std::min<uint64_t>(input->size(), options.cluster_size)).status());
+  }
   ZQ_ASSIGN_OR_RETURN(convert::ResumeRecord record,
                       convert::DescribeConversion(*input, options, virtual_size));
   ZQ_ASSIGN_OR_RETURN(convert::PartialTarget partial,
@@ -157,10 +237,13 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   pipeline_options.checkpoint_seconds = options.checkpoint_seconds;
   pipeline_options.workers = WorkerCount(options.workers, input->parallel_reads());
   pipeline_options.start_time = start_time;
+  pipeline_options.previous = previous.get();
+  pipeline_options.dirty_bitmap = !options.bitmap.empty();
   convert::PipelineTotals totals;
   Status status =
       convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors), &totals);
   (void)input->Close();  // read-only: nothing to lose
+  if (previous) (void)previous->Close();
   if (!status.ok()) {
     // The partial image stays, consistent on disk but marked incomplete (for --resume);
     // the pipeline's error is the one to report.
@@ -183,6 +266,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   stats.clusters_compressed = totals.clusters_compressed;
   stats.clusters_uncompressed = totals.clusters_uncompressed;
   stats.clusters_zero = totals.clusters_zero - std::min(totals.clusters_zero, resumed_clusters);
+  stats.clusters_unchanged = totals.clusters_unchanged;
   stats.resumed_bytes = resumed_bytes;
   stats.output_file_size = FileSize(paths.target);
   stats.wall_seconds =

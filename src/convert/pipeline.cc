@@ -60,8 +60,27 @@ struct RunTask {
   bool needs_read = false;
 };
 
-// What became of one cluster of a run.
-enum class ClusterOutcome : uint8_t { kZero, kCompressed, kStored };
+// What became of one cluster of a run. kZeroFlag: written as a zero cluster (incremental:
+// it hides the backing chain's data); kUnchanged: the chain reads the same, left alone.
+enum class ClusterOutcome : uint8_t { kZero, kZeroFlag, kUnchanged, kCompressed, kStored };
+
+// The parts of sorted, disjoint `a` and `b` that both cover, sorted and disjoint.
+std::vector<ByteRange> Intersect(const std::vector<ByteRange>& a, const std::vector<ByteRange>& b) {
+  std::vector<ByteRange> both;
+  size_t i = 0;
+  size_t j = 0;
+  while (i < a.size() && j < b.size()) {
+    const uint64_t start = std::max(a[i].offset, b[j].offset);
+    const uint64_t end = std::min(a[i].end(), b[j].end());
+    if (start < end) both.push_back({start, end - start});
+    if (a[i].end() < b[j].end()) {
+      ++i;
+    } else {
+      ++j;
+    }
+  }
+  return both;
+}
 
 // A worker's scratch, reused run after run.
 struct WorkerState {
@@ -70,6 +89,7 @@ struct WorkerState {
   std::vector<ClusterOutcome> outcome;      // per cluster of the run
   std::vector<std::span<const uint8_t>> compressed_cluster;  // kCompressed: its bytes
   std::vector<CompressedCluster> batch;                      // the next WriteCompressedBatch
+  std::vector<uint8_t> chain;  // incremental without a bitmap: what the chain reads for a run
 };
 
 // A chunk whose reads are queued in the current batch.
@@ -96,9 +116,10 @@ class Pipeline {
         pool_(PoolChunks(chunk_bytes_, workers_), chunk_bytes_,
               std::max<size_t>(io::kBufferAlignment, source.read_alignment())),
         batch_limit_(std::max<size_t>(1, std::min(kReadBatchChunks, pool_.count() / 2))),
-        run_clusters_(
-            RunClusters(cluster_size_, pool_.count() * chunk_bytes_, workers_)),
-        workers_read_(source.parallel_reads()) {
+        run_clusters_(RunClusters(cluster_size_, pool_.count() * chunk_bytes_, workers_)),
+        workers_read_(source.parallel_reads()),
+        previous_(options.previous),
+        previous_size_(previous_ != nullptr ? previous_->virtual_size() : 0) {
     if (shared_compressors_) {
       for (const auto& compressor : compressors_) free_compressors_.push_back(compressor.get());
     }
@@ -148,6 +169,18 @@ class Pipeline {
   // [start, end) is left unallocated. REQUIRES: start cluster-aligned, end cluster-aligned
   // or the virtual size.
   void AccountZero(uint64_t start, uint64_t end);
+  // [start, end) is left unallocated because it did not change (incremental). Same
+  // REQUIRES.
+  void AccountUnchanged(uint64_t start, uint64_t end);
+  // Incremental: the ranges of the current scan window to consider (options.previous),
+  // aligned to read_unit_ (or the virtual size), sorted and disjoint.
+  Result<std::vector<ByteRange>> ConsideredRanges(uint64_t window_start, uint64_t window_end);
+  // [start, end) is not read (the source has no data there, or it is not considered):
+  // accounted as zero, or in incremental mode as unchanged outside considered_, and as
+  // zero inside it, where clusters the backing chain holds data in become zero clusters.
+  // Same REQUIRES.
+  Status SkipUnread(uint64_t start, uint64_t end);
+  Status ZeroOverChain(uint64_t start, uint64_t end);
   // Bytes of the guest cluster at `guest_offset` (cluster-aligned) inside the virtual size.
   uint64_t ValidBytes(uint64_t guest_offset) const {
     return std::min(cluster_size_, options_.virtual_size - guest_offset);
@@ -166,9 +199,12 @@ class Pipeline {
   // it back. No-ops when every worker owns its compressor.
   void LeaseCompressor(WorkerState& state);
   void ReturnCompressor(WorkerState& state);
-  // For needs_read tasks: reads the run with one request and marks its all-zero clusters
-  // kZero (accounted and done).
+  // For needs_read tasks: reads the run with one request and (not incremental) marks its
+  // all-zero clusters kZero (accounted and done).
   Status ReadRun(const RunTask& task, WorkerState& state);
+  // Incremental: pads the run's clusters and decides each one's outcome (zero, zero flag,
+  // unchanged, or to be stored), comparing with the backing chain without a bitmap.
+  Status ClassifyRun(const RunTask& task, uint64_t run_offset, WorkerState& state);
   // Writes the run's clusters (the first at guest offset `run_offset`) as `state.outcome`
   // says. Counts what was written. Touches the chunk only for kStored clusters: once all
   // clusters are compressed the chunk is released (and may be refilled) before the write.
@@ -193,14 +229,17 @@ class Pipeline {
   const uint64_t chunk_bytes_;  // a multiple of read_unit_
   const uint64_t window_bytes_;
   std::vector<std::unique_ptr<codec::Compressor>> compressors_;
-  const bool compress_;             // false: every cluster is stored as is
+  const bool compress_;  // false: every cluster is stored as is
   const size_t workers_;
-  const bool shared_compressors_;   // workers take a compressor per run (more workers)
+  const bool shared_compressors_;  // workers take a compressor per run (more workers)
   ChunkPool pool_;
   const size_t batch_limit_;
   const uint32_t run_clusters_;  // clusters per RunTask at most
   // Workers read clusters themselves (Source::parallel_reads); the reader only plans.
   const bool workers_read_;
+  // Incremental mode (PipelineOptions::previous): the backing image, or null.
+  Image* const previous_;
+  const uint64_t previous_size_;
   WorkQueue<RunTask> queue_;
   OrderGate gate_;
   // Compressors no worker holds (shared_compressors_ only). LIFO: the one used last has
@@ -213,6 +252,7 @@ class Pipeline {
   std::vector<PendingChunk> batch_;
   std::vector<io::IoRequest> batch_requests_;
   uint64_t next_sequence_ = 0;
+  std::vector<ByteRange> considered_;  // incremental: of the current scan window
 
   // Counters (any thread).
   std::atomic<uint64_t> bytes_done_{0};
@@ -222,6 +262,7 @@ class Pipeline {
   std::atomic<uint64_t> clusters_compressed_{0};
   std::atomic<uint64_t> clusters_uncompressed_{0};
   std::atomic<uint64_t> clusters_zero_{0};
+  std::atomic<uint64_t> clusters_unchanged_{0};
 
   std::atomic<bool> stopped_{false};
   std::mutex error_mutex_;
@@ -255,6 +296,79 @@ void Pipeline::AccountZero(uint64_t start, uint64_t end) {
   bytes_done_.fetch_add(end - start, std::memory_order_relaxed);
 }
 
+void Pipeline::AccountUnchanged(uint64_t start, uint64_t end) {
+  if (end <= start) return;
+  clusters_unchanged_.fetch_add(DivUp(end, cluster_size_) - start / cluster_size_,
+                                std::memory_order_relaxed);
+  bytes_done_.fetch_add(end - start, std::memory_order_relaxed);
+}
+
+Result<std::vector<ByteRange>> Pipeline::ConsideredRanges(uint64_t window_start,
+                                                          uint64_t window_end) {
+  if (!options_.dirty_bitmap)
+    return std::vector<ByteRange>{{window_start, window_end - window_start}};
+  std::vector<ByteRange> considered;
+  auto add = [&](uint64_t start, uint64_t end) {
+    start = std::max(AlignDown(start, read_unit_), window_start);
+    end = std::min(AlignUp(end, read_unit_), window_end);
+    if (start >= end) return;
+    if (!considered.empty() && considered.back().end() >= start) {
+      considered.back().length = std::max(considered.back().end(), end) - considered.back().offset;
+    } else {
+      considered.push_back({start, end - start});
+    }
+  };
+  // Beyond the backing image's end (the disk grew) everything is new.
+  const uint64_t grown = std::max(window_start, AlignDown(previous_size_, read_unit_));
+  const uint64_t asked_end = std::min(window_end, std::min(grown, source_.size()));
+  if (window_start < asked_end) {
+    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> dirty,
+                        source_.DirtyRanges(window_start, asked_end - window_start));
+    for (const ByteRange& range : dirty) add(range.offset, range.end());
+  }
+  add(grown, window_end);
+  return considered;
+}
+
+Status Pipeline::SkipUnread(uint64_t start, uint64_t end) {
+  if (end <= start) return Status::OK();
+  if (previous_ == nullptr) {
+    AccountZero(start, end);
+    return Status::OK();
+  }
+  uint64_t pos = start;
+  for (const ByteRange& range : considered_) {
+    if (range.end() <= pos) continue;
+    if (range.offset >= end) break;
+    if (range.offset > pos) AccountUnchanged(pos, range.offset);
+    pos = std::max(pos, range.offset);
+    const uint64_t stop = std::min(end, range.end());
+    ZQ_RETURN_IF_ERROR(ZeroOverChain(pos, stop));
+    pos = stop;
+  }
+  AccountUnchanged(pos, end);
+  return Status::OK();
+}
+
+Status Pipeline::ZeroOverChain(uint64_t start, uint64_t end) {
+  if (end <= start) return Status::OK();
+  AccountZero(start, end);
+  const uint64_t backed_end = std::min(end, previous_size_);
+  if (start >= backed_end) return Status::OK();  // the chain reads zeros there too
+  ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> extents, previous_->Map(start, backed_end - start));
+  for (const MapExtent& extent : extents) {
+    if (extent.kind != MapExtent::Kind::kData && extent.kind != MapExtent::Kind::kCompressed) {
+      continue;  // unallocated or zero all the way down: reads as zeros already
+    }
+    // Whole clusters: [start, end) is cluster-aligned (or ends at the virtual size).
+    const uint64_t zero_start = AlignDown(extent.guest_offset, cluster_size_);
+    const uint64_t zero_end =
+        std::min(AlignUp(extent.guest_offset + extent.length, cluster_size_), end);
+    ZQ_RETURN_IF_ERROR(image_.WriteZeroes(zero_start, zero_end - zero_start));
+  }
+  return Status::OK();
+}
+
 void Pipeline::ReaderMain() {
   Status status = ReadSource();
   if (!status.ok()) Fail(std::move(status));
@@ -271,6 +385,11 @@ Status Pipeline::ReadSource() {
     if (window_start < source_.size()) {
       ZQ_ASSIGN_OR_RETURN(ranges, source_.DataRanges(window_start, window_end - window_start));
     }
+    if (previous_ != nullptr) {
+      // Only the considered ranges are read; the rest is skipped as unchanged.
+      ZQ_ASSIGN_OR_RETURN(considered_, ConsideredRanges(window_start, window_end));
+      ranges = Intersect(ranges, considered_);
+    }
     size_t next_range = 0;
     uint64_t pos = window_start;  // always chunk-aligned (or window_end)
     while (pos < window_end) {
@@ -278,12 +397,12 @@ Status Pipeline::ReadSource() {
       if (CancelRequested()) return InterruptedStatus();
       while (next_range < ranges.size() && ranges[next_range].end() <= pos) ++next_range;
       if (next_range == ranges.size()) {
-        AccountZero(pos, window_end);
+        ZQ_RETURN_IF_ERROR(SkipUnread(pos, window_end));
         break;
       }
       const uint64_t data_chunk = AlignDown(std::max(ranges[next_range].offset, pos), chunk_bytes_);
       if (data_chunk > pos) {  // whole chunks without data: skip unread
-        AccountZero(pos, data_chunk);
+        ZQ_RETURN_IF_ERROR(SkipUnread(pos, data_chunk));
         pos = data_chunk;
         continue;
       }
@@ -303,10 +422,10 @@ Status Pipeline::ReadSource() {
       // The gaps between runs are holes: left unallocated without reading.
       uint64_t cursor = pos;
       for (const ByteRange& run : runs) {
-        AccountZero(cursor, run.offset);
+        ZQ_RETURN_IF_ERROR(SkipUnread(cursor, run.offset));
         cursor = run.end();
       }
-      AccountZero(cursor, chunk_end);
+      ZQ_RETURN_IF_ERROR(SkipUnread(cursor, chunk_end));
       ZQ_RETURN_IF_ERROR(QueueChunk(pos, std::move(runs)));
       pos = chunk_end;
     }
@@ -375,7 +494,7 @@ void Pipeline::DispatchChunk(const PendingChunk& pending) {
          offset += cluster_size_) {
       const uint64_t in_chunk = offset - chunk->guest_offset;
       const auto cluster_index = static_cast<uint32_t>(in_chunk / cluster_size_);
-      if (workers_read_) {
+      if (workers_read_ || previous_ != nullptr) {  // the worker classifies it
         add(cluster_index);
         continue;
       }
@@ -458,6 +577,13 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
       return read;
     }
   }
+  if (previous_ != nullptr) {
+    Status classified = ClassifyRun(task, run_offset, state);
+    if (!classified.ok()) {
+      ReleaseTask(chunk);
+      return classified;
+    }
+  }
 
   bool source_needed = false;  // a cluster is stored as is: its bytes must stay until written
   size_t used = 0;             // bytes of state.compressed filled
@@ -469,7 +595,7 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
     return Status::OK();
   }
   for (uint32_t i = 0; i < task.cluster_count; ++i) {
-    if (state.outcome[i] == ClusterOutcome::kZero) continue;
+    if (state.outcome[i] != ClusterOutcome::kStored) continue;
     if (!compress_) {
       source_needed = true;
       continue;
@@ -521,10 +647,54 @@ Status Pipeline::ReadRun(const RunTask& task, WorkerState& state) {
     bytes_read_.fetch_add(std::min(length, source_.size() - guest_offset),
                           std::memory_order_relaxed);
   }
-  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+  for (uint32_t i = 0; previous_ == nullptr && i < task.cluster_count; ++i) {
     const uint64_t cluster = uint64_t{i} * cluster_size_;
     if (PadAndCheckZero(guest_offset + cluster, data + cluster)) {
       state.outcome[i] = ClusterOutcome::kZero;
+    }
+  }
+  return Status::OK();
+}
+
+Status Pipeline::ClassifyRun(const RunTask& task, uint64_t run_offset, WorkerState& state) {
+  uint8_t* data = task.chunk->buffer.data() + uint64_t{task.first_cluster} * cluster_size_;
+  const bool compare = !options_.dirty_bitmap;
+  if (compare) {
+    // What the backing chain reads for the whole run, with one read (zeros beyond its end).
+    const uint64_t length = uint64_t{task.cluster_count} * cluster_size_;
+    state.chain.resize(length);
+    const uint64_t backed =
+        run_offset >= previous_size_ ? 0 : std::min(length, previous_size_ - run_offset);
+    if (backed > 0) {
+      ZQ_RETURN_IF_ERROR(previous_->Read(run_offset, {state.chain.data(), backed}));
+    }
+    std::memset(state.chain.data() + backed, 0, length - backed);
+  }
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    const uint64_t guest_offset = run_offset + uint64_t{i} * cluster_size_;
+    uint8_t* cluster = data + uint64_t{i} * cluster_size_;
+    const uint64_t valid = ValidBytes(guest_offset);
+    if (valid < cluster_size_) std::memset(cluster + valid, 0, cluster_size_ - valid);
+    const bool zero = IsAllZero({cluster, valid});
+    if (!compare) {
+      // Dirty: written whatever the chain holds; zeros as a zero cluster (cheap, and it
+      // hides whatever the chain has there).
+      state.outcome[i] = zero ? ClusterOutcome::kZeroFlag : ClusterOutcome::kStored;
+      continue;
+    }
+    const uint8_t* chain = state.chain.data() + uint64_t{i} * cluster_size_;
+    if (zero) {
+      if (IsAllZero({chain, valid})) {
+        AccountZero(guest_offset, guest_offset + valid);
+        state.outcome[i] = ClusterOutcome::kZero;
+      } else {
+        state.outcome[i] = ClusterOutcome::kZeroFlag;
+      }
+    } else if (std::memcmp(cluster, chain, valid) == 0) {
+      AccountUnchanged(guest_offset, guest_offset + valid);
+      state.outcome[i] = ClusterOutcome::kUnchanged;
+    } else {
+      state.outcome[i] = ClusterOutcome::kStored;
     }
   }
   return Status::OK();
@@ -545,7 +715,16 @@ Status Pipeline::WriteRun(const RunTask& task, uint64_t run_offset, WorkerState&
     const uint64_t guest_offset = run_offset + uint64_t{i} * cluster_size_;
     switch (state.outcome[i]) {
       case ClusterOutcome::kZero:
+      case ClusterOutcome::kUnchanged:
         break;
+      case ClusterOutcome::kZeroFlag: {
+        const uint64_t valid = ValidBytes(guest_offset);
+        ZQ_RETURN_IF_ERROR(image_.WriteZeroes(guest_offset, valid));
+        zero_bytes_skipped_.fetch_add(valid, std::memory_order_relaxed);
+        clusters_zero_.fetch_add(1, std::memory_order_relaxed);
+        bytes_done_.fetch_add(valid, std::memory_order_relaxed);
+        break;
+      }
       case ClusterOutcome::kCompressed:
         state.batch.push_back({guest_offset, state.compressed_cluster[i]});
         break;
@@ -654,6 +833,7 @@ Status Pipeline::Run(PipelineTotals* totals) {
   totals->clusters_compressed = clusters_compressed_.load();
   totals->clusters_uncompressed = clusters_uncompressed_.load();
   totals->clusters_zero = clusters_zero_.load();
+  totals->clusters_unchanged = clusters_unchanged_.load();
 
   std::lock_guard lock(error_mutex_);
   if (!first_error_.ok()) return first_error_;

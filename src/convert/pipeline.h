@@ -23,6 +23,14 @@
 //   caller   (the coordinating thread) reports progress every ~100 ms, watches the cancel
 //            flag, joins everything.
 //
+// Incremental mode (PipelineOptions::previous, an overlay target): the reader reads only
+// the ranges to consider (dirty per the source's bitmap, or all) and skips the rest as
+// unchanged; where it skips zeros inside them it makes zero clusters over the backing
+// chain's data (mapping the backing image). Workers classify each cluster they get:
+// zeros become zero clusters (without a bitmap only where the chain is not zero too), and
+// without a bitmap a cluster equal to what the chain reads is skipped, compared there so
+// the backing image is read and decompressed in parallel.
+//
 // The first error from any thread stops all of them: every blocking wait (free buffer,
 // next task, write turn) wakes up on stop, so nothing deadlocks on a full or empty queue.
 
@@ -57,11 +65,22 @@ struct PipelineOptions {
   // share the compressors (see RunPipeline).
   size_t workers = 0;
   std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
+  // Incremental mode: the image is a fresh overlay of `previous` (the backing image, opened
+  // read-only here as well: what the backing chain reads), and only what changed is
+  // written. The ranges considered are, with `dirty_bitmap`, those Source::DirtyRanges
+  // marks (aligned out to whole clusters) and everything beyond previous's virtual size;
+  // without, everything. In them, a cluster the source reads as zeros (or a range
+  // Source::DataRanges leaves out) becomes a zero cluster where the chain holds data; a
+  // non-zero cluster is written, except without `dirty_bitmap` when the chain reads the
+  // same there (compared by the workers). Everything else stays unallocated (unchanged).
+  // REQUIRES: previous->virtual_size() <= virtual_size.
+  Image* previous = nullptr;
+  bool dirty_bitmap = false;
 };
 
 // What the pipeline counted (see ConvertStats for each field's meaning). Every guest
 // cluster is counted exactly once: clusters_zero + clusters_compressed +
-// clusters_uncompressed = clusters in the virtual size.
+// clusters_uncompressed + clusters_unchanged = clusters in the virtual size.
 struct PipelineTotals {
   uint64_t bytes_read = 0;
   uint64_t zero_bytes_skipped = 0;
@@ -69,6 +88,7 @@ struct PipelineTotals {
   uint64_t clusters_compressed = 0;
   uint64_t clusters_uncompressed = 0;
   uint64_t clusters_zero = 0;
+  uint64_t clusters_unchanged = 0;  // incremental: clean or equal to the backing chain
 };
 
 // Converts all of `source` into `image`, on 1 + options.workers threads (one per
@@ -76,7 +96,8 @@ struct PipelineTotals {
 // non-null to compress, all null to store clusters uncompressed; with more workers than
 // compressors, at most compressors.size() runs are compressed at a time.
 // REQUIRES: !compressors.empty(); image is freshly created (every cluster unallocated) with
-// options.cluster_size and options.virtual_size.
+// options.cluster_size and options.virtual_size (an overlay of options.previous in
+// incremental mode).
 // Returns the first error (source, codec or image), kInterrupted when *options.cancel
 // became true, else OK. `totals` is filled either way. The image is not closed.
 Status RunPipeline(Source& source, Image& image, const PipelineOptions& options,

@@ -2,7 +2,9 @@
 //
 // The pipeline against an in-memory source and a recording fake image: what reaches the
 // image (content, order, nothing for zero clusters), the counters, and how errors and
-// cancellation stop every thread. The real image is exercised in convert_test.cc.
+// cancellation stop every thread; in incremental mode (against an in-memory backing
+// image), that only dirty or changed clusters are read and written. The real image is exercised in
+// convert_test.cc.
 
 #include "convert/pipeline.h"
 
@@ -14,6 +16,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -73,8 +76,19 @@ class FakeSource final : public Source {
     }
     return Status::OK();
   }
+  Result<std::vector<ByteRange>> DirtyRanges(uint64_t offset, uint64_t length) override {
+    if (!dirty_ranges_) return Source::DirtyRanges(offset, length);
+    std::vector<ByteRange> out;
+    for (const ByteRange& range : *dirty_ranges_) {
+      uint64_t start = std::max(range.offset, offset);
+      uint64_t stop = std::min(range.end(), offset + length);
+      if (start < stop) out.push_back({start, stop - start});
+    }
+    return out;
+  }
   Status Close() override { return Status::OK(); }
 
+  std::optional<std::vector<ByteRange>> dirty_ranges_;  // the dirty bitmap; none when unset
   uint64_t fail_read_ = 0;  // 1-based request number that fails; 0 = none
   bool parallel_ = false;
   std::chrono::microseconds read_delay_{0};  // a slow source: each request takes this long
@@ -124,12 +138,35 @@ class FakeImage final : public Image {
     if (batch_delay_.count() > 0) std::this_thread::sleep_for(batch_delay_);
     return Image::WriteCompressedBatch(clusters);
   }
-  Status WriteZeroes(uint64_t, uint64_t) override { return Unsupported(); }
+  // Whole clusters only (the last may end at the virtual size), as the pipeline asks.
+  Status WriteZeroes(uint64_t guest_offset, uint64_t length) override {
+    EXPECT_EQ(guest_offset % kClusterSize, 0u);
+    EXPECT_TRUE(length % kClusterSize == 0 || guest_offset + length == virtual_size_) << length;
+    std::lock_guard lock(mutex_);
+    for (uint64_t offset = guest_offset; offset < guest_offset + length; offset += kClusterSize) {
+      EXPECT_EQ(clusters_.count(offset), 0u) << "cluster written and zeroed: " << offset;
+      EXPECT_TRUE(zeroed_.insert(offset).second) << "cluster zeroed twice: " << offset;
+    }
+    return Status::OK();
+  }
   Status Discard(uint64_t, uint64_t) override { return Unsupported(); }
   Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported(); }
   Status Flush() override { return Status::OK(); }
   Status Close() override { return Status::OK(); }
   Status CloseIncomplete() override { return Status::OK(); }
+
+  // What an overlay with these writes reads over `backing` (zeros beyond its end).
+  std::vector<uint8_t> OverlayContent(const std::vector<uint8_t>& backing) {
+    std::vector<uint8_t> content = backing;
+    content.resize(virtual_size_ + kClusterSize, 0);
+    std::lock_guard lock(mutex_);
+    for (uint64_t offset : zeroed_) std::fill_n(content.begin() + offset, kClusterSize, 0);
+    for (const auto& [offset, data] : clusters_) {
+      std::memcpy(content.data() + offset, data.data(), data.size());
+    }
+    content.resize(virtual_size_);
+    return content;
+  }
 
   // Guest content as written (unwritten bytes zero), trimmed to the virtual size.
   std::vector<uint8_t> Content() {
@@ -147,6 +184,7 @@ class FakeImage final : public Image {
   std::vector<uint64_t> write_order_;                  // guarded by mutex_
   uint64_t compressed_writes_ = 0;                     // guarded by mutex_
   std::vector<std::vector<uint64_t>> batches_;         // guest offsets per batch; guarded by mutex_
+  std::set<uint64_t> zeroed_;                          // zero clusters; guarded by mutex_
   std::chrono::microseconds batch_delay_{0};           // a slow image: each batch takes this long
   uint64_t fail_write_ = 0;  // 1-based write that fails (and every later one); 0 = none
   std::atomic<bool>* cancel_after_writes_flag_ = nullptr;
@@ -162,6 +200,7 @@ class FakeImage final : public Image {
       return Status::NoSpace("/fake/target.qcow2: injected: No space left on device");
     }
     EXPECT_EQ(clusters_.count(guest_offset), 0u) << "cluster written twice: " << guest_offset;
+    EXPECT_EQ(zeroed_.count(guest_offset), 0u) << "cluster zeroed and written: " << guest_offset;
     write_order_.push_back(guest_offset);
     clusters_[guest_offset] = std::move(data);
     if (compressed) ++compressed_writes_;
@@ -391,9 +430,8 @@ TEST(PipelineTest, WorkersReadWhenTheSourceAllowsIt) {
 }
 
 // Runs `workers` threads over two watched compressors.
-Status RunWithTwoCompressors(FakeSource& source, FakeImage& image, uint64_t size,
-                             bool out_of_order, size_t workers, CompressWatch* watch,
-                             PipelineTotals* totals) {
+Status RunWithTwoCompressors(FakeSource& source, FakeImage& image, uint64_t size, bool out_of_order,
+                             size_t workers, CompressWatch* watch, PipelineTotals* totals) {
   PipelineOptions options = Options(size, out_of_order);
   options.workers = workers;
   return RunPipeline(source, image, options, WatchedCompressors(2, watch), totals);
@@ -412,8 +450,7 @@ TEST(PipelineTest, WorkersShareTheCompressorsWhenTheyRead) {
     FakeImage image(size);
     CompressWatch watch;
     PipelineTotals totals;
-    Status status =
-        RunWithTwoCompressors(source, image, size, out_of_order, 6, &watch, &totals);
+    Status status = RunWithTwoCompressors(source, image, size, out_of_order, 6, &watch, &totals);
     ASSERT_TRUE(status.ok()) << status.ToString();
     EXPECT_EQ(image.Content(), g.bytes);
     EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed,
@@ -588,6 +625,220 @@ TEST(PipelineTest, CancelledBeforeStartWritesNothing) {
   EXPECT_EQ(status.code(), Status::Code::kInterrupted);
   EXPECT_TRUE(image.write_order_.empty());
 }
+
+// ---------------------------------------------------------------------------- incremental
+
+// The backing image of an incremental conversion, in memory: reads its bytes, maps
+// all-zero clusters as unallocated and the others as data.
+class MemoryImage final : public Image {
+ public:
+  explicit MemoryImage(std::vector<uint8_t> bytes) : bytes_(std::move(bytes)) {}
+  ImageInfo Info() const override { return {}; }
+  uint64_t virtual_size() const override { return bytes_.size(); }
+  uint32_t cluster_size() const override { return kClusterSize; }
+  Compression compression() const override { return Compression::kZlib; }
+  Status Read(uint64_t guest_offset, std::span<uint8_t> out) override {
+    if (guest_offset + out.size() > bytes_.size()) return Status::InvalidArgument("beyond");
+    std::memcpy(out.data(), bytes_.data() + guest_offset, out.size());
+    bytes_read_ += out.size();
+    return Status::OK();
+  }
+  Result<std::vector<MapExtent>> Map(uint64_t guest_offset, uint64_t length) override {
+    if (guest_offset + length > bytes_.size()) return Status::InvalidArgument("beyond");
+    std::vector<MapExtent> extents;
+    for (uint64_t offset = guest_offset; offset < guest_offset + length;) {
+      const uint64_t stop =
+          std::min(guest_offset + length, (offset / kClusterSize + 1) * kClusterSize);
+      const bool zero = std::all_of(bytes_.begin() + offset, bytes_.begin() + stop,
+                                    [](uint8_t b) { return b == 0; });
+      extents.push_back({offset, stop - offset,
+                         zero ? MapExtent::Kind::kUnallocated : MapExtent::Kind::kData, offset});
+      offset = stop;
+    }
+    return extents;
+  }
+  Status Write(uint64_t, std::span<const uint8_t>) override { return Unsupported(); }
+  Status WriteCompressed(uint64_t, std::span<const uint8_t>) override { return Unsupported(); }
+  Status WriteZeroes(uint64_t, uint64_t) override { return Unsupported(); }
+  Status Discard(uint64_t, uint64_t) override { return Unsupported(); }
+  Status Flush() override { return Status::OK(); }
+  Status Close() override { return Status::OK(); }
+  Status CloseIncomplete() override { return Status::OK(); }
+
+  std::atomic<uint64_t> bytes_read_{0};
+
+ private:
+  static Status Unsupported() { return Status::NotSupported("memory image"); }
+  std::vector<uint8_t> bytes_;
+};
+
+// A disk at the previous backup (`backing`, `kBackingClusters` clusters of mixed data with
+// holes) and now (`disk`: a few changes, grown by a partial cluster and a bit more).
+struct Changes {
+  std::vector<uint8_t> backing;
+  std::vector<uint8_t> disk;
+  std::vector<ByteRange> data_ranges;  // of the disk
+  std::vector<ByteRange> dirty;        // what changed, as a dirty bitmap would say it
+};
+constexpr uint64_t kBackingClusters = 64;
+
+Changes MakeChanges() {
+  Changes c;
+  const uint64_t backing_size = kBackingClusters * kClusterSize;
+  c.backing = Generate(backing_size, 11).bytes;
+  c.disk = c.backing;
+  const uint64_t disk_size = backing_size + 2 * kClusterSize + 1536;  // grew, not aligned
+  c.disk.resize(disk_size, 0);
+  auto mark = [&](uint64_t offset, uint64_t length) { c.dirty.push_back({offset, length}); };
+  auto find_data = [&](uint64_t from) {  // the first cluster at or after `from` with data
+    uint64_t cluster = from;
+    while (std::all_of(c.backing.begin() + cluster * kClusterSize,
+                       c.backing.begin() + (cluster + 1) * kClusterSize,
+                       [](uint8_t b) { return b == 0; })) {
+      ++cluster;
+    }
+    return cluster * kClusterSize;
+  };
+  // A run of two whole clusters.
+  for (uint64_t i = 0; i < 2 * kClusterSize; ++i) c.disk[3 * kClusterSize + i] = uint8_t(i * 31);
+  mark(3 * kClusterSize, 2 * kClusterSize);
+  // A single byte.
+  c.disk[10 * kClusterSize + 100] ^= 0x5a;
+  mark(10 * kClusterSize + 100, 1);
+  // A run across a cluster boundary, partial at both ends.
+  for (uint64_t i = 0; i < kClusterSize; ++i) c.disk[20 * kClusterSize + 3000 + i] = 0xc3;
+  mark(20 * kClusterSize + 3000, kClusterSize);
+  // Zeros over a whole cluster of data (read by the pipeline: it stays in the data ranges).
+  const uint64_t zeroed = find_data(30);
+  std::fill_n(c.disk.begin() + zeroed, kClusterSize, 0);
+  mark(zeroed, kClusterSize);
+  // Data discarded (a hole now, where the backing image has data).
+  const uint64_t discarded = find_data(zeroed / kClusterSize + 1);
+  std::fill_n(c.disk.begin() + discarded, kClusterSize, 0);
+  mark(discarded, kClusterSize);
+  // Written past the old end.
+  for (uint64_t i = 0; i < 700; ++i) c.disk[backing_size + kClusterSize + 500 + i] = uint8_t(i);
+  // Data ranges: the backing image's, minus the discarded cluster, plus every changed range.
+  std::vector<ByteRange> data;
+  for (uint64_t offset = 0; offset < disk_size; offset += kClusterSize) {
+    const uint64_t stop = std::min(disk_size, offset + kClusterSize);
+    const bool backing_data =
+        offset < backing_size && !std::all_of(c.backing.begin() + offset, c.backing.begin() + stop,
+                                              [](uint8_t b) { return b == 0; });
+    const bool disk_data = !std::all_of(c.disk.begin() + offset, c.disk.begin() + stop,
+                                        [](uint8_t b) { return b == 0; });
+    if ((backing_data && offset != discarded) || disk_data) {
+      if (!data.empty() && data.back().end() == offset) {
+        data.back().length += stop - offset;
+      } else {
+        data.push_back({offset, stop - offset});
+      }
+    }
+  }
+  c.data_ranges = data;
+  return c;
+}
+
+uint64_t AlignedOut(const std::vector<ByteRange>& ranges) {
+  std::set<uint64_t> clusters;
+  for (const ByteRange& r : ranges) {
+    for (uint64_t c = r.offset / kClusterSize; c * kClusterSize < r.end(); ++c) clusters.insert(c);
+  }
+  return clusters.size() * kClusterSize;
+}
+
+class IncrementalPipeline : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+
+// With a dirty bitmap: only the dirty clusters (and the grown part) are read from the source
+// and written; dirty zeros become zero clusters; the overlay reads as the disk does now.
+TEST_P(IncrementalPipeline, BitmapReadsAndWritesOnlyDirtyClusters) {
+  const auto [workers_read, out_of_order] = GetParam();
+  Changes c = MakeChanges();
+  FakeSource source(c.disk, c.data_ranges);
+  source.parallel_ = workers_read;
+  source.dirty_ranges_ = c.dirty;
+  MemoryImage previous(c.backing);
+  FakeImage image(c.disk.size());
+  PipelineOptions options = Options(c.disk.size(), out_of_order);
+  options.previous = &previous;
+  options.dirty_bitmap = true;
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, options, Compressors(2, true), &totals).ok());
+  EXPECT_EQ(image.OverlayContent(c.backing), c.disk);
+
+  // Read: the dirty clusters (the discarded one is a hole: not read), and the grown part's
+  // data (the cluster written past the old end).
+  const uint64_t backing_size = c.backing.size();
+  uint64_t dirty_bytes = 0;
+  for (const ByteRange& r : c.dirty) dirty_bytes += r.length;
+  std::vector<ByteRange> dirty_data(c.dirty.begin(), c.dirty.end() - 1);  // minus the hole
+  const uint64_t grown_read = kClusterSize;
+  EXPECT_EQ(totals.bytes_read, AlignedOut(dirty_data) + grown_read);
+  // The bound: the dirty bytes plus one cluster per dirty extent (plus the grown
+  // part, which has no bitmap).
+  EXPECT_LE(totals.bytes_read, dirty_bytes + c.dirty.size() * kClusterSize + grown_read);
+  EXPECT_EQ(previous.bytes_read_.load(), 0u);  // a bitmap needs no comparison
+
+  // Written: only dirty clusters and the grown cluster with data.
+  std::set<uint64_t> dirty_clusters;
+  for (const ByteRange& r : c.dirty) {
+    for (uint64_t o = r.offset / kClusterSize * kClusterSize; o < r.end(); o += kClusterSize) {
+      dirty_clusters.insert(o);
+    }
+  }
+  for (const auto& [offset, data] : image.clusters_) {
+    EXPECT_TRUE(dirty_clusters.contains(offset) || offset >= backing_size) << offset;
+  }
+  for (uint64_t offset : image.zeroed_) EXPECT_TRUE(dirty_clusters.contains(offset)) << offset;
+  EXPECT_EQ(image.zeroed_.size(), 2u);  // zeros over data, and the discarded cluster
+  EXPECT_EQ(totals.clusters_compressed + totals.clusters_uncompressed, image.clusters_.size());
+  EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed +
+                totals.clusters_unchanged,
+            Clusters(c.disk.size()));
+  EXPECT_EQ(totals.clusters_unchanged, kBackingClusters - dirty_clusters.size());
+}
+
+// Without a bitmap: every data cluster is read and compared with the backing image; only
+// the ones that differ are written, zeros over data (read or hole) become zero clusters.
+TEST_P(IncrementalPipeline, CompareWritesOnlyChangedClusters) {
+  const auto [workers_read, out_of_order] = GetParam();
+  Changes c = MakeChanges();
+  FakeSource source(c.disk, c.data_ranges);
+  source.parallel_ = workers_read;
+  MemoryImage previous(c.backing);
+  FakeImage image(c.disk.size());
+  PipelineOptions options = Options(c.disk.size(), out_of_order);
+  options.previous = &previous;
+  PipelineTotals totals;
+  ASSERT_TRUE(RunPipeline(source, image, options, Compressors(2, true), &totals).ok());
+  EXPECT_EQ(image.OverlayContent(c.backing), c.disk);
+
+  std::set<uint64_t> changed;
+  for (uint64_t offset = 0; offset < c.backing.size(); offset += kClusterSize) {
+    if (!std::equal(c.disk.begin() + offset, c.disk.begin() + offset + kClusterSize,
+                    c.backing.begin() + offset)) {
+      changed.insert(offset);
+    }
+  }
+  ASSERT_EQ(changed.size(), 7u);  // 2 + 1 + 2 + zeros over data + discarded
+  std::set<uint64_t> touched;
+  for (const auto& [offset, data] : image.clusters_) touched.insert(offset);
+  touched.insert(image.zeroed_.begin(), image.zeroed_.end());
+  std::set<uint64_t> expected = changed;
+  expected.insert(c.backing.size() + kClusterSize);  // written past the old end
+  EXPECT_EQ(touched, expected);
+  EXPECT_EQ(image.zeroed_.size(), 2u);
+  uint64_t data_bytes = 0;
+  for (const ByteRange& r : c.data_ranges) data_bytes += r.length;
+  EXPECT_EQ(totals.bytes_read, data_bytes);
+  EXPECT_EQ(totals.clusters_zero + totals.clusters_compressed + totals.clusters_uncompressed +
+                totals.clusters_unchanged,
+            Clusters(c.disk.size()));
+  EXPECT_GT(totals.clusters_unchanged, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, IncrementalPipeline,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()));
 
 }  // namespace
 }  // namespace zqcow::convert

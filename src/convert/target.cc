@@ -220,6 +220,8 @@ Result<std::unique_ptr<Image>> CreateTarget(const std::string& path, const Conve
   create.compression = options.compression;
   create.refcount_bits = options.refcount_bits;
   create.overwrite = options.overwrite;
+  create.backing_file = options.backing_file;
+  create.backing_format = options.backing_format;
 
   Result<std::unique_ptr<Image>> image = [&]() -> Result<std::unique_ptr<Image>> {
     if (!options.wrap_target_file) return Image::Create(path, create, options.target_io);

@@ -269,6 +269,10 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
   return h;
 }
 
+HeaderExtension BackingFormatExtension(std::string_view format) {
+  return {kExtBackingFormat, std::vector<uint8_t>(format.begin(), format.end())};
+}
+
 Result<std::vector<uint8_t>> SerializeHeader(const Header& header) {
   if (header.version != 2 && header.version != 3) {
     return Status::InvalidArgument("SerializeHeader: version " + std::to_string(header.version));

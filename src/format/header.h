@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "zqcow/status.h"
@@ -105,6 +106,10 @@ struct Header {
 // name (or the end of the cluster); an area without an end marker is accepted, as in QEMU.
 // Messages start with "qcow2 header: " and name the field; callers prefix the path.
 Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size);
+
+// The backing format header extension (kExtBackingFormat): the format's name ("qcow2",
+// "raw"), unterminated, as QEMU writes it.
+HeaderExtension BackingFormatExtension(std::string_view format);
 
 // Encodes the header, its extensions and end marker (and the backing file name, if any,
 // right after them). The result is at most one cluster long; kInvalidArgument otherwise.

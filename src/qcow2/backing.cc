@@ -85,15 +85,14 @@ class RawBacking final : public BackingFile {
   const uint64_t size_;
 };
 
-// `name` as QEMU resolves it: relative to the directory of the image naming it.
-std::string ResolveName(const std::string& image_path, const std::string& name) {
+}  // namespace
+
+std::string ResolveBackingName(const std::string& image_path, const std::string& name) {
   if (name.starts_with('/')) return name;
   const size_t slash = image_path.rfind('/');
   if (slash == std::string::npos) return name;
   return image_path.substr(0, slash + 1) + name;
 }
-
-}  // namespace
 
 Result<std::string> ProbeFileFormat(io::File& file) {
   ZQ_ASSIGN_OR_RETURN(uint64_t size, file.Size());
@@ -117,7 +116,7 @@ Result<std::unique_ptr<BackingFile>> OpenBackingFile(const std::string& image_pa
                                                      const std::string& name,
                                                      const std::string& format, const IoOptions& io,
                                                      int depth) {
-  const std::string path = ResolveName(image_path, name);
+  const std::string path = ResolveBackingName(image_path, name);
   const std::string what = image_path + ": backing file '" + name + "'";
   if (depth > kMaxBackingDepth) {
     return Status::NotSupported(what + ": backing chain deeper than " +

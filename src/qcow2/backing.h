@@ -57,6 +57,10 @@ std::string BackingFormatOf(const format::Header& header);
 // bytes (any offset alignment; O_DIRECT files are read through a bounce buffer).
 Result<std::string> ProbeFileFormat(io::File& file);
 
+// Where backing file `name`, as named by the image at `image_path`, is: an absolute name as
+// is, a relative one relative to the image's directory (as QEMU resolves it).
+std::string ResolveBackingName(const std::string& image_path, const std::string& name);
+
 // Opens backing file `name`, as named by the image at `image_path` whose backing format
 // extension says `format` ("" when it has none). `depth` is the number of images above the
 // one being opened (1 for the backing file of the top image). Errors name the image, the

@@ -5,6 +5,8 @@
 //   clusters 1 .. R      refcount table, sized for the expected file size (capped; it grows)
 //   then                 the first refcount block(s), placed by the allocator
 //   then                 the L1 table (zeros: the file is extended over it, not written)
+// An overlay names its backing file in cluster 0 after the header extensions (with the
+// backing format extension) and opens it, so the image reads through it from the start.
 // Everything is refcounted through the normal allocator, so the layout describes itself.
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 
 #include "format/header.h"
 #include "format/refcount.h"
+#include "qcow2/backing.h"
 #include "qcow2/cluster_io.h"
 #include "qcow2/qcow2_engine.h"
 #include "qcow2/qcow2_image.h"
@@ -44,6 +47,9 @@ Status ValidateCreateOptions(const std::string& path, const CreateOptions& optio
   if (options.compression != Compression::kZlib && options.compression != Compression::kZstd) {
     return invalid("unknown compression type");
   }
+  if (!options.backing_file.empty() && options.backing_format.empty()) {
+    return invalid("backing file '" + options.backing_file + "' needs a backing format");
+  }
   return Status::OK();
 }
 
@@ -60,6 +66,13 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
     return Status::NotSupported(path + ": O_DIRECT needs " + std::to_string(file->alignment()) +
                                 "-byte alignment, larger than the cluster size " +
                                 std::to_string(cluster_size));
+  }
+  // The backing file is opened before anything is written: a missing or unreadable one
+  // fails the create (the caller removes the file).
+  std::unique_ptr<BackingFile> backing;
+  if (!options.backing_file.empty()) {
+    ZQ_ASSIGN_OR_RETURN(backing, OpenBackingFile(path, options.backing_file, options.backing_format,
+                                                 io, /*depth=*/1));
   }
   format::Geometry geometry{cluster_bits};
   format::RefcountGeometry refcount_geometry{
@@ -102,6 +115,10 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   if (options.compression == Compression::kZstd) {
     header.incompatible_features |= format::kIncompatCompressionType;
   }
+  if (backing) {
+    header.backing_file = options.backing_file;
+    header.extensions.push_back(format::BackingFormatExtension(options.backing_format));
+  }
 
   Qcow2Image::Parts parts;
   parts.writable = true;
@@ -139,9 +156,10 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   const format::HostCluster next_free = layout.next_free();
   ZQ_RETURN_IF_ERROR(file->Truncate(next_free.value() * cluster_size));
 
-  ZQ_ASSIGN_OR_RETURN(std::vector<uint8_t> header_bytes, format::SerializeHeader(header));
+  Result<std::vector<uint8_t>> header_bytes = format::SerializeHeader(header);
+  if (!header_bytes.ok()) return header_bytes.status().WithPrefix(path);
   io::AlignedBuffer header_cluster(cluster_size);
-  std::memcpy(header_cluster.data(), header_bytes.data(), header_bytes.size());
+  std::memcpy(header_cluster.data(), header_bytes->data(), header_bytes->size());
 
   ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer table,
                       ReadTable(file.get(), header.refcount_table_offset,
@@ -156,6 +174,7 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   parts.refcount_table = std::move(table);
   parts.next_free = next_free;
   parts.file_size = next_free.value() * cluster_size;
+  parts.backing = std::move(backing);
   auto image = std::make_unique<Qcow2Image>(std::move(parts));
   ZQ_RETURN_IF_ERROR(image->InitialFlush());
   return std::unique_ptr<Image>(std::move(image));

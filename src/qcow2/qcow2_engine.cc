@@ -612,7 +612,8 @@ Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> cluste
   return Status::OK();
 }
 
-Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw) {
+Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw,
+                                        bool hide_backing) {
   uint64_t cluster = first;
   const uint64_t end = first + count;
   const uint64_t per_l2 = geometry_.l2_entries();
@@ -621,6 +622,11 @@ Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t
     std::lock_guard lock(mutex_);
     ZQ_RETURN_IF_ERROR(CheckWritableLocked());
     ZQ_ASSIGN_OR_RETURN(bool has_l2, cluster_map_->HasL2(GuestCluster(cluster)));
+    if (!has_l2 && hide_backing) {
+      Status s = cluster_map_->EnsureL2(GuestCluster(cluster), refcounts_.get());
+      if (!s.ok()) return FailLocked(s);
+      has_l2 = true;
+    }
     if (has_l2) {
       for (uint64_t c = cluster; c < chunk_end; ++c) {
         Status s = ReplaceEntryLocked(GuestCluster(c), raw);
@@ -645,15 +651,27 @@ Status Qcow2Image::WriteZeroes(uint64_t guest_offset, uint64_t length) {
   std::vector<uint8_t> zeros;
   auto write_zeros = [&](uint64_t from, uint64_t to) -> Status {
     if (from >= to) return Status::OK();
-    zeros.assign(to - from, 0);
-    return Write(from, zeros);
+    zeros.assign(std::min(to - from, cluster_size_), 0);  // a cluster at a time at most
+    for (uint64_t pos = from; pos < to; pos += zeros.size()) {
+      ZQ_RETURN_IF_ERROR(Write(pos, {zeros.data(), std::min<uint64_t>(to - pos, zeros.size())}));
+    }
+    return Status::OK();
   };
-  if (first_whole >= end_whole) return write_zeros(guest_offset, end);
+  // A v2 overlay has no zero clusters: unallocated would show the backing data, so its
+  // zeros are written as data.
+  if (first_whole >= end_whole || (header_.version < 3 && backing_)) {
+    return write_zeros(guest_offset, end);
+  }
   ZQ_RETURN_IF_ERROR(write_zeros(guest_offset, first_whole));
   ZQ_RETURN_IF_ERROR(write_zeros(std::min(end_whole, end), end));
-  uint64_t raw = header_.version >= 3 ? format::EncodeZeroL2Entry() : 0;
+  if (header_.version >= 3) {
+    return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
+                                (end_whole - first_whole) >> geometry_.cluster_bits,
+                                format::EncodeZeroL2Entry(), /*hide_backing=*/backing_ != nullptr);
+  }
   return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
-                              (end_whole - first_whole) >> geometry_.cluster_bits, raw);
+                              (end_whole - first_whole) >> geometry_.cluster_bits,
+                              format::EncodeUnallocatedL2Entry(), /*hide_backing=*/false);
 }
 
 Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
@@ -663,9 +681,18 @@ Status Qcow2Image::Discard(uint64_t guest_offset, uint64_t length) {
   uint64_t end_whole =
       end == header_.size ? io::AlignUp(end, cluster_size_) : io::AlignDown(end, cluster_size_);
   if (first_whole >= end_whole) return Status::OK();
+  if (backing_) {
+    // Unallocated would expose the backing data: a zero cluster (v3) releases the host
+    // cluster and still hides it; a v2 overlay cannot, and keeps the clusters (a discard
+    // is only a hint).
+    if (header_.version < 3) return Status::OK();
+    return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
+                                (end_whole - first_whole) >> geometry_.cluster_bits,
+                                format::EncodeZeroL2Entry(), /*hide_backing=*/true);
+  }
   return ReplaceWholeClusters(first_whole >> geometry_.cluster_bits,
                               (end_whole - first_whole) >> geometry_.cluster_bits,
-                              format::EncodeUnallocatedL2Entry());
+                              format::EncodeUnallocatedL2Entry(), /*hide_backing=*/false);
 }
 
 // ----------------------------------------------------------------------------- map

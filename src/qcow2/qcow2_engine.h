@@ -84,7 +84,7 @@ class Qcow2Image final : public Image {
     io::AlignedBuffer refcount_table;      // whole clusters (writable only)
     format::HostCluster next_free;         // writable only
     uint64_t file_size = 0;                // at open
-    std::unique_ptr<BackingFile> backing;  // read-only images with a backing file
+    std::unique_ptr<BackingFile> backing;  // overlays (opened read-only below the image)
   };
 
   explicit Qcow2Image(Parts parts);
@@ -168,9 +168,10 @@ class Qcow2Image final : public Image {
   class ClusterWriteGuard;
   // Sets the L2 entry of `cluster` to `raw` and releases what the old entry referenced.
   Status ReplaceEntryLocked(format::GuestCluster cluster, uint64_t raw);
-  // Whole clusters [first, first+count) -> `raw` (zero or unallocated); skips clusters
-  // without an L2 table (they read as zeros already).
-  Status ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw);
+  // Whole clusters [first, first+count) -> `raw` (zero or unallocated). Clusters without an
+  // L2 table are skipped (they read as zeros already) unless `hide_backing`: an overlay's
+  // zero clusters need their table, or the backing data would show through.
+  Status ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw, bool hide_backing);
   uint64_t HostLimitLocked() const;
   Result<format::L2Entry> Decode(uint64_t raw) const;
   // Marks the image failed (first error wins) and returns the error.
@@ -210,7 +211,9 @@ class Qcow2Image final : public Image {
   std::unique_ptr<Refcounts> refcounts_;  // writable only
   std::unique_ptr<ClusterMap> cluster_map_;
   std::unique_ptr<CompressedAllocator> allocator_;  // writable only
-  std::unique_ptr<BackingFile> backing_;            // read-only only; null when none
+  // The backing chain (read-only); null when none. Unallocated clusters read from it, so
+  // every write path keeps them hidden where the guest wrote or zeroed (see WriteZeroes).
+  std::unique_ptr<BackingFile> backing_;
   Status failed_;
   bool closed_ = false;
   Status close_status_;

@@ -23,8 +23,7 @@ namespace zqcow::qcow2 {
 Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
                                                  const CreateOptions& options, const IoOptions& io);
 // `depth`: how many images above this one name it as their backing file (0 for an image
-// opened on its own). A read-only image opens its backing chain; a writable image with a
-// backing file is refused (kNotSupported).
+// opened on its own). The image opens its backing chain read-only, writable or not.
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                                                const OpenOptions& options, int depth = 0);
 // Image::Open for an image `depth` levels down a backing chain.

@@ -2,9 +2,9 @@
 //
 // OpenImageOnFile: validates the header and every table location against the file size
 // before allocating memory for it (memory is bounded by the file size, never by a header
-// value alone), opens the backing chain of a read-only image, refuses what zqcow does not
-// follow (writing to images with backing files or snapshots, unknown features), and finds
-// the end of the used area for appending.
+// value alone), opens the backing chain (read-only, also under a writable overlay), refuses
+// what zqcow does not follow (writing to images with snapshots, unknown features), and
+// finds the end of the used area for appending.
 
 #include <algorithm>
 #include <cstdio>
@@ -68,10 +68,6 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   format::Header header = std::move(parsed).value();
 
   const bool has_backing = header.backing_file_offset != 0 || !header.backing_file.empty();
-  if (options.writable && has_backing) {
-    return Status::NotSupported(path + ": writing to an image with a backing file ('" +
-                                header.backing_file + "') is not supported");
-  }
   if (options.writable && header.nb_snapshots != 0) {
     return Status::NotSupported(path +
                                 ": writing to an image with internal snapshots is not "
