@@ -160,6 +160,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   stats.clusters_compressed = totals.clusters_compressed;
   stats.clusters_uncompressed = totals.clusters_uncompressed;
   stats.clusters_zero = totals.clusters_zero;
+  stats.content_digest = totals.content_digest.ToString();
   stats.output_file_size = FileSize(target);
   stats.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
