@@ -222,6 +222,8 @@ class Pipeline {
   std::atomic<uint64_t> clusters_compressed_{0};
   std::atomic<uint64_t> clusters_uncompressed_{0};
   std::atomic<uint64_t> clusters_zero_{0};
+  // ConvertStats::content_digest: every cluster the image allocates, once (a cluster
+  // written as a zero cluster counts with digest::ZeroClusterHash; unallocated ones not).
   digest::ConcurrentDigest digest_;
 
   std::atomic<bool> stopped_{false};
