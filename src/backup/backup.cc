@@ -18,6 +18,7 @@
 #include <set>
 #include <utility>
 
+#include "backup/image_digest.h"
 #include "backup/manifest.h"
 #include "convert/source.h"
 #include "zqcow/image.h"
@@ -165,9 +166,13 @@ std::string WhyNotIncremental(const std::string& dir, const Manifest& manifest,
 Status CheckBacking(const std::string& path, const std::string& backing_file) {
   ZQ_ASSIGN_OR_RETURN(ImageInfo info, ReadImageInfo(path));
   if (info.backing_file == backing_file) return Status::OK();
-  return Status::NotSupported(path + ": the conversion did not make it an overlay of " +
-                              backing_file +
-                              " (incremental conversion is not supported by this build)");
+  if (info.backing_file.empty()) {
+    return Status::NotSupported(path + ": the conversion did not make it an overlay of " +
+                                backing_file +
+                                " (incremental conversion is not supported by this build)");
+  }
+  return Status::Corruption(path + ": names backing file '" + info.backing_file + "', not '" +
+                            backing_file + "'");
 }
 
 void RemoveIfPresent(const std::string& path) { (void)unlink(path.c_str()); }
@@ -194,9 +199,13 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
   } else if (!read.status().IsNotFound()) {
     return read.status();
   }
+  if (!options.disk_name.empty() && !backup::IsPlainName(options.disk_name)) {
+    return Status::InvalidArgument("disk name '" + options.disk_name +
+                                   "': use only letters, digits, '.', '_' and '-'");
+  }
   if (manifest.disk.empty()) {
-    manifest.disk = options.disk_name.empty() ? backup::DiskNameFromSource(source)
-                                              : backup::DiskNameFromSource(options.disk_name);
+    manifest.disk =
+        options.disk_name.empty() ? backup::DiskNameFromSource(source) : options.disk_name;
   }
   if (std::vector<std::string> problems = backup::ChainProblems(manifest); !problems.empty()) {
     return Status::Corruption(backup::ManifestPath(dir) + ": " + problems.front());
@@ -269,6 +278,21 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
                                   (check->messages.empty() ? "" : ": " + check->messages[0]));
     }
   }
+  // The digest of the image's guest content: the clusters the conversion wrote with data,
+  // hashed from what it read off the source, and the clusters it made zero clusters (an
+  // incremental's hiding of data that became zeros), which hold no data to hash: they are
+  // taken from the image's metadata.
+  Result<digest::ContentDigest> content = digest::ContentDigest::Parse(stats->content_digest);
+  if (status.ok() && content.ok()) {
+    Result<digest::ContentDigest> zeros =
+        backup::DigestImageClusters(final_path, backup::ClustersToHash::kZeroOnly);
+    if (zeros.ok())
+      content->Merge(*zeros);
+    else
+      status = zeros.status();
+  } else if (status.ok()) {
+    status = content.status();
+  }
   Result<uint64_t> file_size = status.ok() ? FileSize(final_path) : Result<uint64_t>(status);
   if (!file_size.ok()) {
     RemoveIfPresent(partial_path);
@@ -281,7 +305,7 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
   image.file_size = *file_size;
   image.bytes_read = stats->bytes_read;
   image.bytes_written = stats->output_file_size;
-  image.content_digest = stats->content_digest;
+  image.content_digest = content->ToString();
   result.stats = *stats;
 
   manifest.images.push_back(image);

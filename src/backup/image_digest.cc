@@ -18,7 +18,7 @@ constexpr uint64_t kReadBytes = uint64_t{1} << 20;
 
 }  // namespace
 
-Result<digest::ContentDigest> DigestImageClusters(const std::string& path) {
+Result<digest::ContentDigest> DigestImageClusters(const std::string& path, ClustersToHash which) {
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image, Image::Open(path, OpenOptions{}));
   const uint64_t virtual_size = image->virtual_size();
   const uint64_t cluster_size = image->cluster_size();
@@ -40,6 +40,7 @@ Result<digest::ContentDigest> DigestImageClusters(const std::string& path) {
         }
         continue;
       }
+      if (which == ClustersToHash::kZeroOnly) continue;
       for (uint64_t cluster = first; cluster < end; cluster += read_clusters) {
         const uint64_t count = std::min(read_clusters, end - cluster);
         const uint64_t offset = cluster * cluster_size;

@@ -7,6 +7,7 @@
 #ifndef ZQCOW_BACKUP_IMAGE_DIGEST_H_
 #define ZQCOW_BACKUP_IMAGE_DIGEST_H_
 
+#include <cstdint>
 #include <string>
 
 #include "digest/content_digest.h"
@@ -14,11 +15,17 @@
 
 namespace zqcow::backup {
 
+enum class ClustersToHash : uint8_t {
+  kAll,       // every cluster the image allocates: data, compressed and zero clusters
+  kZeroOnly,  // its zero clusters alone (read from the metadata, no data is read)
+};
+
 // Opens `path` read-only (through its backing chain, which must be there) and hashes the
-// clusters it allocates (Map depth 0: data, compressed, zero). Memory: one window of
+// clusters it allocates itself (Map depth 0), `which` says which. Memory: one window of
 // clusters, whatever the image's size. Errors name the image: it cannot be opened, a
 // cluster cannot be read or decompressed.
-Result<digest::ContentDigest> DigestImageClusters(const std::string& path);
+Result<digest::ContentDigest> DigestImageClusters(const std::string& path,
+                                                  ClustersToHash which = ClustersToHash::kAll);
 
 }  // namespace zqcow::backup
 

@@ -140,8 +140,7 @@ Result<Manifest> ParseManifest(std::string_view text, const std::string& where) 
                               std::to_string(kFormatVersion));
   }
   Manifest manifest;
-  if (!Field(j, "disk", manifest.disk) || manifest.disk.empty() ||
-      manifest.disk.find('/') != std::string::npos) {
+  if (!Field(j, "disk", manifest.disk) || !IsPlainName(manifest.disk)) {
     return Status::Corruption(where + ": 'disk' is missing or not a plain name");
   }
   if (!j.contains("images") || !j["images"].is_array()) {
@@ -252,6 +251,23 @@ bool IsBackupFileName(const std::string& disk, std::string_view name) {
   return false;
 }
 
+namespace {
+
+bool IsPlainChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == '-';
+}
+
+}  // namespace
+
+bool IsPlainName(std::string_view name) {
+  if (name.empty() || name == "." || name == "..") return false;
+  for (char c : name) {
+    if (!IsPlainChar(c)) return false;
+  }
+  return true;
+}
+
 std::string DiskNameFromSource(const std::string& source) {
   std::string_view name = source;
   if (const size_t scheme = name.find("://"); scheme != std::string_view::npos) {
@@ -266,12 +282,8 @@ std::string DiskNameFromSource(const std::string& source) {
     name = name.substr(0, dot);
   }
   std::string disk;
-  for (char c : name) {
-    const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                       c == '.' || c == '_' || c == '-';
-    disk.push_back(plain ? c : '_');
-  }
-  return disk.empty() || disk == "." || disk == ".." ? kDefaultDiskName : disk;
+  for (char c : name) disk.push_back(IsPlainChar(c) ? c : '_');
+  return IsPlainName(disk) ? disk : kDefaultDiskName;
 }
 
 std::string NewChainId() {

@@ -54,6 +54,8 @@ bool IsBackupFileName(const std::string& disk, std::string_view name);
 // An image name prefix from a source name: the file's or NBD export's base name without
 // its extension, characters other than [A-Za-z0-9._-] replaced by '_'; "disk" if empty.
 std::string DiskNameFromSource(const std::string& source);
+// Whether `name` is a usable disk name: [A-Za-z0-9._-]+, not "." or "..".
+bool IsPlainName(std::string_view name);
 // 16 random hex digits.
 std::string NewChainId();
 

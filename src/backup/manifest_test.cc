@@ -165,6 +165,9 @@ TEST(ManifestTest, DiskNamesComeFromFilesAndExports) {
   EXPECT_EQ(DiskNameFromSource("disk image.raw"), "disk_image");
   EXPECT_EQ(DiskNameFromSource("/"), "disk");
   EXPECT_EQ(DiskNameFromSource("nbd+unix://?socket=/s"), "disk");
+  EXPECT_TRUE(IsPlainName("web-01.disk_a"));
+  for (const char* bad : {"", ".", "..", "a/b", "a b", "vm*"})
+    EXPECT_FALSE(IsPlainName(bad)) << bad;
   EXPECT_NE(NewChainId(), NewChainId());
   EXPECT_EQ(NewChainId().size(), 16u);
 }

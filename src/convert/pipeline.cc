@@ -222,8 +222,8 @@ class Pipeline {
   std::atomic<uint64_t> clusters_compressed_{0};
   std::atomic<uint64_t> clusters_uncompressed_{0};
   std::atomic<uint64_t> clusters_zero_{0};
-  // ConvertStats::content_digest: every cluster the image allocates, once (a cluster
-  // written as a zero cluster counts with digest::ZeroClusterHash; unallocated ones not).
+  // ConvertStats::content_digest: every cluster written with data (compressed or stored),
+  // once, from the bytes read; not zero clusters or unallocated ones.
   digest::ConcurrentDigest digest_;
 
   std::atomic<bool> stopped_{false};

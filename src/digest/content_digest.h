@@ -1,8 +1,10 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
 // The content digest: what "the guest content an image holds" hashes to. Defined here and
-// nowhere else; the conversion pipeline computes it from the data it reads off the source
-// (ConvertStats::content_digest), `zqcow verify` recomputes it from an image's own clusters.
+// nowhere else. The conversion pipeline computes it over the clusters it writes with data,
+// from the data it reads off the source (ConvertStats::content_digest); `zqcow backup` adds
+// the image's zero clusters (they carry no data; see src/backup/backup.cc), and
+// `zqcow verify` recomputes the whole from an image's own clusters.
 //
 // Definition (version 1). For an image with cluster size C, over the guest clusters the
 // image itself allocates (data, compressed or zero-flag clusters; unallocated ones are not
