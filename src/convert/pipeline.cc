@@ -475,7 +475,7 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
     if (state.outcome[i] == ClusterOutcome::kZero) continue;
     const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
     std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
-    // Every cluster the image gets, as read (the last one padded): ConvertStats::content_digest.
+    // A cluster written with data, as read (the last one padded): ConvertStats::content_digest.
     digest_.Add(digest::ClusterHash((chunk->guest_offset + in_chunk) / cluster_size_, cluster));
     if (!compress_) {
       source_needed = true;
