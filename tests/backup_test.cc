@@ -353,6 +353,15 @@ TEST_F(BackupTest, MissingOrSwappedMiddleImageFailsVerify) {
   CommandResult swapped = Zqcow("verify " + Q(dir_));
   EXPECT_EQ(swapped.exit_code, kExitBad) << swapped.output;
   EXPECT_NE(swapped.output.find("vm-0001-inc.qcow2: bad"), std::string::npos) << swapped.output;
+  // Same sizes, so only the headers tell: no incremental is built on the swapped chain.
+  ASSERT_EQ(std::filesystem::file_size(middle), std::filesystem::file_size(last));
+  CommandResult inc = BackupCli("--level inc");
+  EXPECT_EQ(inc.exit_code, 1) << inc.output;
+  EXPECT_NE(inc.output.find("not the one the manifest lists"), std::string::npos) << inc.output;
+  CommandResult automatic = BackupCli();
+  EXPECT_EQ(automatic.exit_code, 0) << automatic.output;
+  EXPECT_NE(automatic.output.find("taking a full backup"), std::string::npos) << automatic.output;
+  EXPECT_TRUE(std::filesystem::exists(Image("vm-0003-full.qcow2")));
 }
 
 TEST_F(BackupTest, ShorterSourceIsAnErrorForIncAndAFullForAuto) {

@@ -137,6 +137,9 @@ std::string WhyNotIncremental(const std::string& dir, const Manifest& manifest,
   Result<ImageInfo> info = ReadImageInfo(path);
   if (!info.ok()) return "the chain's last image: " + info.status().message();
   if (info->dirty) return "the chain's last image " + path + " is marked incomplete";
+  if (info->backing_file != last.backing_file || info->virtual_size != last.virtual_size) {
+    return "the chain's last image " + path + " is not the one the manifest lists";
+  }
   if (source.size < last.source_size) {
     return "the source is " + std::to_string(source.size) + " bytes, shorter than the " +
            std::to_string(last.source_size) + " bytes of the chain's last image " + last.file;
