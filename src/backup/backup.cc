@@ -165,7 +165,8 @@ std::string WhyNotIncremental(const std::string& dir, const Manifest& manifest,
   return "";
 }
 
-// The image written names `backing_file` ("" = none) as its backing file.
+// The image written names `backing_file` ("" = none) as its backing file: a conversion
+// that ignored it would pass a full image off as an overlay.
 Status CheckBacking(const std::string& path, const std::string& backing_file) {
   ZQ_ASSIGN_OR_RETURN(ImageInfo info, ReadImageInfo(path));
   if (info.backing_file == backing_file) return Status::OK();
@@ -176,6 +177,27 @@ Status CheckBacking(const std::string& path, const std::string& backing_file) {
   }
   return Status::Corruption(path + ": names backing file '" + info.backing_file + "', not '" +
                             backing_file + "'");
+}
+
+// Checks the image a conversion just wrote at `path` (its backing file, CheckImage) and
+// returns the digest of its guest content: the clusters written with data, as hashed from
+// what the conversion read off the source (`written_digest`), and its zero clusters (an
+// incremental's hiding of data that became zeros), which hold no data to hash: they are
+// taken from the image's metadata.
+Result<digest::ContentDigest> CheckNewImage(const std::string& path,
+                                            const std::string& backing_file,
+                                            const std::string& written_digest) {
+  ZQ_RETURN_IF_ERROR(CheckBacking(path, backing_file));
+  ZQ_ASSIGN_OR_RETURN(CheckResult check, CheckImage(path));
+  if (check.corruptions > 0 || check.incomplete) {
+    return Status::Corruption(path + ": the new image fails its check" +
+                              (check.messages.empty() ? "" : ": " + check.messages[0]));
+  }
+  ZQ_ASSIGN_OR_RETURN(digest::ContentDigest content, digest::ContentDigest::Parse(written_digest));
+  ZQ_ASSIGN_OR_RETURN(digest::ContentDigest zeros,
+                      backup::DigestImageClusters(path, backup::ClustersToHash::kZeroOnly));
+  content.Merge(zeros);
+  return content;
 }
 
 void RemoveIfPresent(const std::string& path) { (void)unlink(path.c_str()); }
@@ -264,38 +286,15 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
     RemoveIfPresent(partial_path + kConvertPartialSuffix);
     return stats.status();
   }
-  // A conversion that ignored the backing file would pass a full image off as an overlay.
-  Status status = CheckBacking(partial_path, image.backing_file);
+  Result<digest::ContentDigest> content =
+      CheckNewImage(partial_path, image.backing_file, stats->content_digest);
+  Status status = content.status();
   // Durable under its final name before the manifest names it.
   if (status.ok()) status = backup::SyncPath(partial_path);
   if (status.ok() && rename(partial_path.c_str(), final_path.c_str()) != 0) {
     status = Status::FromErrno(errno, final_path + ": rename");
   }
   if (status.ok()) status = backup::SyncPath(dir);
-  if (status.ok()) {
-    Result<CheckResult> check = CheckImage(final_path);
-    if (!check.ok()) {
-      status = check.status();
-    } else if (check->corruptions > 0 || check->incomplete) {
-      status = Status::Corruption(final_path + ": the new image fails its check" +
-                                  (check->messages.empty() ? "" : ": " + check->messages[0]));
-    }
-  }
-  // The digest of the image's guest content: the clusters the conversion wrote with data,
-  // hashed from what it read off the source, and the clusters it made zero clusters (an
-  // incremental's hiding of data that became zeros), which hold no data to hash: they are
-  // taken from the image's metadata.
-  Result<digest::ContentDigest> content = digest::ContentDigest::Parse(stats->content_digest);
-  if (status.ok() && content.ok()) {
-    Result<digest::ContentDigest> zeros =
-        backup::DigestImageClusters(final_path, backup::ClustersToHash::kZeroOnly);
-    if (zeros.ok())
-      content->Merge(*zeros);
-    else
-      status = zeros.status();
-  } else if (status.ok()) {
-    status = content.status();
-  }
   Result<uint64_t> file_size = status.ok() ? FileSize(final_path) : Result<uint64_t>(status);
   if (!file_size.ok()) {
     RemoveIfPresent(partial_path);
