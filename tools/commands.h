@@ -24,6 +24,8 @@ Subcommand AddInfoCommand(CLI::App& parent);
 Subcommand AddCheckCommand(CLI::App& parent);
 Subcommand AddCompareCommand(CLI::App& parent);
 Subcommand AddMapCommand(CLI::App& parent);
+Subcommand AddBackupCommand(CLI::App& parent);
+Subcommand AddVerifyCommand(CLI::App& parent);
 
 }  // namespace zqcow::cli
 

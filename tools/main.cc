@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
                                       AddCheckCommand(app), AddCompareCommand(app),
-                                      AddMapCommand(app)};
+                                      AddMapCommand(app), AddBackupCommand(app),
+                                      AddVerifyCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
     }
     if (!any_parsed && argc > 1 && argv[1][0] != '-') {
       PrintError(std::string("unknown subcommand '") + argv[1] +
-                 "' (expected convert, info, check, compare or map; see zqcow --help)");
+                 "' (expected convert, info, check, compare, map, backup or verify; see zqcow --help)");
       return exit_code;
     }
     PrintError(std::string(e.what()) + " (see zqcow --help)");

@@ -44,6 +44,10 @@ struct ConvertStats {
   double cpu_seconds = 0;             // user + system of the whole process
   double throughput_mib_s = 0;        // virtual size / wall time
   uint64_t peak_rss_bytes = 0;
+  // Digest of the clusters the target holds with data (compressed or stored), computed
+  // from the data read off the source (src/digest/content_digest.h defines it; an
+  // integrity check, not a cryptographic hash). Zero clusters are not in it.
+  std::string content_digest;
 };
 
 struct ConvertOptions {

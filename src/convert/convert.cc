@@ -267,6 +267,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   stats.clusters_uncompressed = totals.clusters_uncompressed;
   stats.clusters_zero = totals.clusters_zero - std::min(totals.clusters_zero, resumed_clusters);
   stats.clusters_unchanged = totals.clusters_unchanged;
+  stats.content_digest = totals.content_digest.ToString();
   stats.resumed_bytes = resumed_bytes;
   stats.output_file_size = FileSize(paths.target);
   stats.wall_seconds =

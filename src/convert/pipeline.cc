@@ -263,6 +263,9 @@ class Pipeline {
   std::atomic<uint64_t> clusters_uncompressed_{0};
   std::atomic<uint64_t> clusters_zero_{0};
   std::atomic<uint64_t> clusters_unchanged_{0};
+  // ConvertStats::content_digest: every cluster written with data (compressed or stored),
+  // once, from the bytes read; not zero clusters or unallocated ones.
+  digest::ConcurrentDigest digest_;
 
   std::atomic<bool> stopped_{false};
   std::mutex error_mutex_;
@@ -596,6 +599,10 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
   }
   for (uint32_t i = 0; i < task.cluster_count; ++i) {
     if (state.outcome[i] != ClusterOutcome::kStored) continue;
+    const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
+    std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
+    // A cluster written with data, as read (the last one padded): ConvertStats::content_digest.
+    digest_.Add(digest::ClusterHash((chunk->guest_offset + in_chunk) / cluster_size_, cluster));
     if (!compress_) {
       source_needed = true;
       continue;
@@ -604,8 +611,6 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
       ReleaseTask(chunk);
       return InterruptedStatus();
     }
-    const uint64_t in_chunk = uint64_t{task.first_cluster + i} * cluster_size_;
-    std::span<const uint8_t> cluster(chunk->buffer.data() + in_chunk, cluster_size_);
     std::span<uint8_t> out(state.compressed.data() + used, cluster_size_ - 1);
     Result<size_t> size = state.compressor->Compress(cluster, out);
     if (!size.ok()) {
@@ -834,6 +839,7 @@ Status Pipeline::Run(PipelineTotals* totals) {
   totals->clusters_uncompressed = clusters_uncompressed_.load();
   totals->clusters_zero = clusters_zero_.load();
   totals->clusters_unchanged = clusters_unchanged_.load();
+  totals->content_digest = digest_.value();
 
   std::lock_guard lock(error_mutex_);
   if (!first_error_.ok()) return first_error_;

@@ -47,6 +47,7 @@
 
 #include "codec/codec.h"
 #include "convert/source.h"
+#include "digest/content_digest.h"
 #include "zqcow/convert.h"
 #include "zqcow/image.h"
 #include "zqcow/status.h"
@@ -89,6 +90,7 @@ struct PipelineTotals {
   uint64_t clusters_uncompressed = 0;
   uint64_t clusters_zero = 0;
   uint64_t clusters_unchanged = 0;  // incremental: clean or equal to the backing chain
+  digest::ContentDigest content_digest;  // of the clusters written (compressed or stored)
 };
 
 // Converts all of `source` into `image`, on 1 + options.workers threads (one per

@@ -1,0 +1,121 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// Backup chains: what `zqcow backup` and `zqcow verify` run.
+//
+// A backup directory holds the images of one disk and a manifest, zqcow-manifest.json:
+//   DISK-0000-full.qcow2   a full image (a chain starts here)
+//   DISK-0001-inc.qcow2    an overlay of DISK-0000-full.qcow2 with what changed since
+//   DISK-0002-inc.qcow2    an overlay of DISK-0001-inc.qcow2 ...
+//   DISK-0003-full.qcow2   a new chain (e.g. the disk changed size); older chains stay
+// Sequence numbers grow over the directory's whole history, so names sort by age. The
+// manifest lists every image that is complete, in order, with its chain id; an image
+// joins it only after it was written under a temporary name, synced and renamed, and the
+// manifest itself is replaced atomically (written aside, synced, renamed, directory
+// synced). A failed or interrupted backup therefore never appears in it, and the next run
+// starts from the last image it lists.
+
+#ifndef ZQCOW_BACKUP_H_
+#define ZQCOW_BACKUP_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "zqcow/convert.h"
+#include "zqcow/status.h"
+
+namespace zqcow {
+
+// The manifest's name inside a backup directory.
+inline constexpr const char* kBackupManifestName = "zqcow-manifest.json";
+
+enum class BackupLevel : uint8_t {
+  kAuto,         // full when there is no usable chain, else incremental
+  kFull,         // always a new chain
+  kIncremental,  // an overlay of the last image; an error when there is no usable chain
+};
+
+struct BackupOptions {
+  BackupLevel level = BackupLevel::kAuto;
+  // Dirty bitmap of the source marking what changed since the last backup (an NBD export's
+  // qemu:dirty-bitmap:NAME). Incrementals then read only those clusters; without one they
+  // compare the source with the chain. Recorded in the manifest either way.
+  std::string bitmap;
+  // Prefix of the image names; "" = the manifest's, else derived from the source's name.
+  std::string disk_name;
+  // An incremental chain longer than this starts over with a full image (every image of a
+  // chain is a backing file of the next; readers refuse very deep chains).
+  unsigned max_incrementals = 30;
+  // How to read the source and write the image. Backup sets compress, overwrite,
+  // backing_file, backing_format and bitmap itself.
+  ConvertOptions convert;
+};
+
+// One image of a backup directory: its manifest entry.
+struct BackupImage {
+  std::string file;          // name inside the directory
+  uint32_t sequence = 0;     // 0, 1, 2, ... over the directory's history
+  std::string level;         // "full" or "inc"
+  std::string chain_id;      // the same for a full image and the incrementals on top of it
+  std::string backing_file;  // "" for a full image; else the previous image's `file`
+  std::string bitmap;        // the dirty bitmap used, "" when none
+  std::string source;        // what was backed up (as given)
+  uint64_t source_size = 0;  // its size in bytes
+  std::string start_time;    // UTC, ISO 8601 (2026-12-02T03:04:05Z)
+  std::string end_time;
+  uint64_t virtual_size = 0;
+  uint32_t cluster_size = 0;
+  uint64_t file_size = 0;      // the image file's size once complete
+  uint64_t bytes_read = 0;     // from the source
+  uint64_t bytes_written = 0;  // compressed and stored cluster bytes written
+  std::string content_digest;  // ConvertStats::content_digest, from the data read
+  std::string zqcow_version;
+};
+
+struct BackupResult {
+  BackupImage image;               // the image added (now the manifest's last)
+  ConvertStats stats;              // of its conversion
+  std::vector<std::string> notes;  // one line each: why a full was taken, files cleaned up
+};
+
+// Backs `source` up into directory `dir` (created if missing, its parent must exist).
+// Runs exclusively: a second Backup on the same directory fails at once.
+// Errors (one line naming the file and the cause): kInvalidArgument for an incremental
+// without a usable chain (missing previous image, another size, a source shorter than the
+// chain's); conversion errors as Convert reports them. On any error the directory holds
+// no new image and the manifest is unchanged.
+Result<BackupResult> Backup(const std::string& source, const std::string& dir,
+                            const BackupOptions& options);
+
+// The manifest entry as JSON text (the manifest's own format for one image).
+std::string BackupImageToJson(const BackupImage& image, int indent = 2);
+
+// What VerifyChain found about one image.
+struct VerifiedImage {
+  BackupImage image;  // as the manifest lists it
+  enum class Verdict : uint8_t { kOk, kIncomplete, kBad } verdict = Verdict::kOk;
+  std::vector<std::string> problems;  // one line each, naming the file
+  std::string content_digest;         // recomputed; "" when it could not be
+};
+
+struct VerifyReport {
+  std::string dir;
+  std::vector<VerifiedImage> images;
+  // Problems of the directory as a whole (one line each): e.g. a manifest whose entries
+  // do not form chains. Notes do not fail the verdict (stale partial files).
+  std::vector<std::string> problems;
+  std::vector<std::string> notes;
+  // The worst verdict over the images and problems (kBad when `problems` is not empty).
+  VerifiedImage::Verdict verdict() const;
+};
+
+// Proves the backup chains in `dir` without writing anything: every image the manifest
+// lists exists with the recorded size, passes CheckImage, names the backing file the
+// manifest says, and the content digest recomputed from its own clusters equals the one
+// recorded when it was written. Reads one image at a time, a window of clusters at a time.
+// A non-OK Status only when verification could not run (no or unreadable manifest).
+Result<VerifyReport> VerifyChain(const std::string& dir);
+
+}  // namespace zqcow
+
+#endif  // ZQCOW_BACKUP_H_
