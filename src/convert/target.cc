@@ -179,6 +179,8 @@ Result<TargetPaths> PlanTarget(const std::string& path, const ConvertOptions& op
       return Status::NotSupported(path + ": not a regular file (images are created as files)");
     }
     if (!options.overwrite) return TargetExists(path);
+    // --force never replaces an image another process holds (QEMU's image locks).
+    ZQ_RETURN_IF_ERROR(io::CheckNotInUse(paths.target));
   }
   return paths;
 }
@@ -195,6 +197,8 @@ Result<PartialTarget> OpenPartialTarget(const TargetPaths& paths, const ConvertO
 }
 
 Status CommitTarget(const TargetPaths& paths) {
+  // Checked again at the last moment: a process may have opened DST since the start.
+  if (Exists(paths.target)) ZQ_RETURN_IF_ERROR(io::CheckNotInUse(paths.target));
   if (::rename(paths.partial.c_str(), paths.target.c_str()) != 0) {
     return Status::IOError(paths.target + ": cannot rename the finished image " + paths.partial +
                                " into place: " + std::strerror(errno) +
