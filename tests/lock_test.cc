@@ -240,12 +240,14 @@ std::unique_ptr<Child> StartSlowConversion(const TempDir& dir, const std::string
                                            const std::string& target) {
   for (uint64_t size : {32 * kMiB, 64 * kMiB}) {
     std::filesystem::remove(target);
+    std::filesystem::remove(PartialTargetPath(target));
     WriteRawImage(source, size, DataKind::kRandom, kSeed);
     auto child = std::make_unique<Child>(
         std::vector<std::string>{ZqcowBinary(), "convert", "-c", "-o", "compression_level=9", "-m",
                                  "1", source, target},
         dir.File("slow.log"));
-    if (child->WaitUntilHolding(target)) return child;
+    // The conversion writes the partial image; DST appears only when it is complete.
+    if (child->WaitUntilHolding(PartialTargetPath(target))) return child;
   }
   ADD_FAILURE() << "the conversion finished before its target could be seen locked";
   return nullptr;
@@ -256,7 +258,8 @@ TEST_F(LockTest, QemuDoesNotWriteATargetWhileZqcowConverts) {
   const std::string target = dir_.File("target.qcow2");
   std::unique_ptr<Child> convert = StartSlowConversion(dir_, source, target);
   ASSERT_NE(convert, nullptr);
-  CommandResult write = RunCommand("qemu-io -c 'write -P 0x55 0 64k' " + Q(target));
+  CommandResult write =
+      RunCommand("qemu-io -c 'write -P 0x55 0 64k' " + Q(PartialTargetPath(target)));
   EXPECT_NE(write.exit_code, 0) << write.output;
   EXPECT_TRUE(Contains(write.output, kWriteConflict)) << write.output;
   EXPECT_EQ(convert->Wait(), 0);
@@ -271,7 +274,8 @@ TEST_F(LockTest, ASecondZqcowWriterOfOneTargetFailsAndTheFirstOneFinishes) {
   ASSERT_NE(first, nullptr);
   CommandResult second = Zqcow("convert --force " + Q(raw_) + " " + Q(target));
   EXPECT_EQ(second.exit_code, 1) << second.output;
-  EXPECT_TRUE(Contains(second.output, target + ": " + kWriteConflict)) << second.output;
+  EXPECT_TRUE(Contains(second.output, PartialTargetPath(target) + ": " + kWriteConflict))
+      << second.output;
   EXPECT_EQ(first->Wait(), 0);
   CommandResult check = testing::QemuImgCheck(target);
   EXPECT_EQ(check.exit_code, 0) << check.output;

@@ -236,12 +236,18 @@ TEST_F(DirtyBitmapTest, ABitmapTheServerDoesNotExportFailsClearly) {
   ASSERT_FALSE(source.ok());
   EXPECT_EQ(source.status().message(),
             server->uri() + ": dirty bitmap 'nope' is not exported by the server");
-  CommandResult r = Zqcow("convert --bitmap nope " + Q(server->uri()) + " " + Q(target_));
+  // An incremental (--bitmap goes with -B) over a full backup of the same export.
+  const std::string previous = dir_.File("previous.qcow2");
+  CommandResult full = Zqcow("convert -c " + Q(server->uri()) + " " + Q(previous));
+  ASSERT_EQ(full.exit_code, 0) << full.output;
+  CommandResult r = Zqcow("convert -c -B " + Q(previous) + " --bitmap nope " +
+                          Q(server->uri()) + " " + Q(target_));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_EQ(Lines(r.output), 1u) << r.output;
   EXPECT_NE(r.output.find("dirty bitmap 'nope' is not exported"), std::string::npos) << r.output;
   struct stat st {};
   EXPECT_NE(stat(target_.c_str(), &st), 0) << "no target for a backup that never started";
+  EXPECT_NE(stat(PartialTargetPath(target_).c_str(), &st), 0) << "nor a partial image";
 }
 
 TEST_F(NbdSourceTest, ConnectionRefusedIsOneLineNamingTheUri) {

@@ -41,17 +41,19 @@ constexpr auto kStartWait = std::chrono::seconds(30);
 
 std::string Q(const std::string& path) { return ShellQuote(path); }
 
-// The checks after an interrupted conversion: one line saying so, and a target that is
-// consistent but marked incomplete.
+// The checks after an interrupted conversion: one line saying so, no DST, and the partial
+// image consistent but marked incomplete.
 void ExpectInterruptedCleanly(const CommandResult& r, const std::string& target) {
   EXPECT_EQ(r.exit_code, kExitSigterm) << r.output;
   EXPECT_NE(r.output.find("interrupted by SIGTERM"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("incomplete"), std::string::npos) << r.output;
-  ASSERT_TRUE(std::filesystem::exists(target));
-  CommandResult check = RunCommand(ZqcowBinary() + " check " + Q(target));
+  EXPECT_NE(r.output.find("interrupted by SIGTERM"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(target)) << "DST appears only when complete";
+  const std::string partial = PartialTargetPath(target);
+  ASSERT_TRUE(std::filesystem::exists(partial));
+  CommandResult check = RunCommand(ZqcowBinary() + " check " + Q(partial));
   EXPECT_EQ(check.exit_code, 3) << check.output;  // incomplete, nothing worse
   EXPECT_NE(check.output.find("incomplete"), std::string::npos) << check.output;
-  CommandResult qemu = testing::QemuImgCheck(target);
+  CommandResult qemu = testing::QemuImgCheck(partial);
   EXPECT_TRUE(qemu.exit_code == 0 || qemu.exit_code == 3) << qemu.output;  // leaks at most
 }
 
@@ -88,7 +90,7 @@ CommandResult ConvertAndSignalTwice(const std::string& source, const std::string
       break;
     }
     // Locked = opened by the conversion, after its signal handlers were installed.
-    if (!io::CheckNotInUse(target).ok()) break;
+    if (!io::CheckNotInUse(PartialTargetPath(target)).ok()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   if (!exited) {

@@ -107,6 +107,10 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
 // in the same directory (beside the file a symbolic link `target` names).
 std::string PartialTargetPath(const std::string& target);
 
+// Removes what an interrupted Convert to `target` left (the partial image and its resume
+// record); absent files are fine. For callers that will not resume, e.g. a failed backup.
+Status DiscardPartialTarget(const std::string& target);
+
 }  // namespace zqcow
 
 #endif  // ZQCOW_CONVERT_H_

@@ -29,7 +29,6 @@ namespace {
 using backup::Manifest;
 
 constexpr const char* kLockName = ".zqcow-backup.lock";
-constexpr const char* kConvertPartialSuffix = ".zqcow-partial";
 
 // Holds an exclusive flock on DIR/.zqcow-backup.lock: one backup per directory at a time.
 class DirectoryLock {
@@ -283,7 +282,7 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
   Result<ConvertStats> stats = Convert(source, partial_path, convert);
   if (!stats.ok()) {
     RemoveIfPresent(partial_path);
-    RemoveIfPresent(partial_path + kConvertPartialSuffix);
+    (void)DiscardPartialTarget(partial_path);
     return stats.status();
   }
   Result<digest::ContentDigest> content =

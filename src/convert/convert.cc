@@ -9,9 +9,11 @@
 
 #include <sched.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -282,6 +284,16 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
 
 std::string PartialTargetPath(const std::string& target) {
   return convert::TargetFiles(target).partial;
+}
+
+Status DiscardPartialTarget(const std::string& target) {
+  const convert::TargetPaths paths = convert::TargetFiles(target);
+  for (const std::string& path : {paths.partial, paths.record}) {
+    if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, path + ": cannot remove");
+    }
+  }
+  return Status::OK();
 }
 
 }  // namespace zqcow

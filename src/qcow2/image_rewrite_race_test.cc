@@ -255,6 +255,7 @@ TEST(ImageRewriteRaceTest, RewritesReadsAndFlushesInterleaved) {
   });
   threads.emplace_back([&] {
     io::FileOptions read_only;
+    read_only.lock = io::ImageLock::kShared;  // beside the image's writer, as -U reads
     auto reader = io::OpenFile(path, read_only);
     if (!reader.ok()) return fail("open for checking: " + reader.status().ToString());
     std::vector<uint8_t> stamp(kStampBytes);
