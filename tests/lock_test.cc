@@ -20,6 +20,7 @@
 
 #include "io/image_lock.h"
 #include "testing/test_util.h"
+#include "zqcow/convert.h"
 #include "zqcow/image.h"
 
 namespace zqcow {

@@ -21,6 +21,7 @@
 #include "convert/source.h"
 #include "testing/nbd_server.h"
 #include "testing/test_util.h"
+#include "zqcow/convert.h"
 
 namespace zqcow {
 namespace {
@@ -293,10 +294,11 @@ TEST_F(NbdSourceTest, ServerKilledMidConversionFailsAndLeavesNoCompleteTarget) {
           static_cast<char*>(nullptr));
     _exit(127);
   }
-  // Kill the server once the conversion is under way (its target exists).
+  // Kill the server once the conversion is under way (its partial image exists).
+  const std::string partial = PartialTargetPath(target_);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   struct stat st {};
-  while (stat(target_.c_str(), &st) != 0 && std::chrono::steady_clock::now() < deadline) {
+  while (stat(partial.c_str(), &st) != 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(200));  // reads in flight, likely
@@ -310,10 +312,11 @@ TEST_F(NbdSourceTest, ServerKilledMidConversionFailsAndLeavesNoCompleteTarget) {
   EXPECT_EQ(Lines(output), 1u) << output;
   EXPECT_NE(output.find(uri + ": "), std::string::npos) << output;
   EXPECT_NE(output.find("the connection to the NBD server was lost"), std::string::npos) << output;
-  if (stat(target_.c_str(), &st) == 0) {
-    const std::vector<uint8_t> image = ReadWholeFile(target_);
+  EXPECT_NE(stat(target_.c_str(), &st), 0) << "DST appears only when complete";
+  if (stat(partial.c_str(), &st) == 0) {
+    const std::vector<uint8_t> image = ReadWholeFile(partial);
     ASSERT_GT(image.size(), kHeaderIncompatibleFeaturesLastByte);
-    EXPECT_TRUE(image[kHeaderIncompatibleFeaturesLastByte] & 1) << "the target looks complete";
+    EXPECT_TRUE(image[kHeaderIncompatibleFeaturesLastByte] & 1) << "the partial looks complete";
   }
 }
 

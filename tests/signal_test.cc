@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "io/image_lock.h"
+#include "zqcow/convert.h"
 #include "testing/test_util.h"
 
 namespace zqcow {

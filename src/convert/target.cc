@@ -98,6 +98,8 @@ Result<PartialTarget> CreatePartial(const TargetPaths& paths, const ConvertOptio
                                    " left this partial image; continue it with --resume, or "
                                    "start over with --force (or remove it)");
     }
+    // Never from under a conversion that is still writing it (QEMU's image locks).
+    ZQ_RETURN_IF_ERROR(io::CheckNotInUse(paths.partial));
     ZQ_RETURN_IF_ERROR(RemoveFile(paths.partial));
   }
   // Without its partial image a record is stale (a crash before the image was created, or
