@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 
+#include "zqcow/export.h"
 #include "zqcow/image.h"
 #include "zqcow/status.h"
 
@@ -78,8 +79,8 @@ struct ConvertOptions {
 // Converts `source` into a new qcow2 image at `target`. On failure the target is left
 // either consistent-but-incomplete (dirty bit set) or removed when nothing useful was
 // written; it is never left looking complete.
-Result<ConvertStats> Convert(const std::string& source, const std::string& target,
-                             const ConvertOptions& options);
+ZQCOW_EXPORT Result<ConvertStats> Convert(const std::string& source, const std::string& target,
+                                          const ConvertOptions& options);
 
 }  // namespace zqcow
 

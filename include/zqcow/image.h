@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "zqcow/export.h"
 #include "zqcow/status.h"
 
 namespace zqcow {
@@ -114,7 +115,7 @@ struct CheckResult {
   std::vector<std::string> messages;  // one line each, like qemu-img check's
 };
 
-class Image {
+class ZQCOW_EXPORT Image {
  public:
   static Result<std::unique_ptr<Image>> Create(const std::string& path,
                                                const CreateOptions& options,
@@ -169,12 +170,12 @@ class Image {
 
 // Reads the header (and nothing else worth mentioning) of an image. Fails on malformed
 // headers with a clear error.
-Result<ImageInfo> ReadImageInfo(const std::string& path);
+ZQCOW_EXPORT Result<ImageInfo> ReadImageInfo(const std::string& path);
 
 // Checks an image file the way `qemu-img check` does, by reading its metadata from disk.
 // Returns the findings; a non-OK Status only when the check itself could not run (the file
 // cannot be opened, the header is unreadable).
-Result<CheckResult> CheckImage(const std::string& path);
+ZQCOW_EXPORT Result<CheckResult> CheckImage(const std::string& path);
 
 }  // namespace zqcow
 
