@@ -64,19 +64,22 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/zqcowConfigVersion.cmake
 install(FILES ${PROJECT_BINARY_DIR}/zqcowConfig.cmake ${PROJECT_BINARY_DIR}/zqcowConfigVersion.cmake
   DESTINATION ${zqcow_cmake_dir})
 
-# pkg-config.
-if(IS_ABSOLUTE "${CMAKE_INSTALL_LIBDIR}")
-  set(zqcow_pc_libdir "${CMAKE_INSTALL_LIBDIR}")
-else()
-  set(zqcow_pc_libdir "\${prefix}/${CMAKE_INSTALL_LIBDIR}")
-endif()
-if(IS_ABSOLUTE "${CMAKE_INSTALL_INCLUDEDIR}")
-  set(zqcow_pc_includedir "${CMAKE_INSTALL_INCLUDEDIR}")
-else()
-  set(zqcow_pc_includedir "\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}")
-endif()
+# pkg-config: zqcow.pc is written when installing, so that its prefix is the one installed
+# to (cmake --install --prefix).
 list(JOIN ZQCOW_PC_REQUIRES_PRIVATE " " zqcow_pc_requires_private)
-configure_file(cmake/zqcow.pc.in ${PROJECT_BINARY_DIR}/zqcow.pc @ONLY)
+install(CODE "
+  set(zqcow_pc_prefix \"\${CMAKE_INSTALL_PREFIX}\")
+  set(zqcow_pc_libdir \"${CMAKE_INSTALL_LIBDIR}\")
+  set(zqcow_pc_includedir \"${CMAKE_INSTALL_INCLUDEDIR}\")
+  set(zqcow_pc_requires_private \"${zqcow_pc_requires_private}\")
+  set(PROJECT_VERSION \"${PROJECT_VERSION}\")
+  foreach(dir zqcow_pc_libdir zqcow_pc_includedir)
+    if(NOT IS_ABSOLUTE \"\${\${dir}}\")
+      set(\${dir} \"\\\${prefix}/\${\${dir}}\")
+    endif()
+  endforeach()
+  configure_file(\"${PROJECT_SOURCE_DIR}/cmake/zqcow.pc.in\" \"${PROJECT_BINARY_DIR}/zqcow.pc\" @ONLY)
+")
 install(FILES ${PROJECT_BINARY_DIR}/zqcow.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
 
 # Manual pages: zqcow(1) and zqcow-SUBCOMMAND(1), made by help2man from the built binary's
