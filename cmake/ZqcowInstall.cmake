@@ -33,21 +33,21 @@ foreach(module ${zqcow_modules})
   target_link_libraries(zqcow_shared PRIVATE
     "$<FILTER:$<TARGET_PROPERTY:${module},LINK_LIBRARIES>,EXCLUDE,^zqcow_>")
 endforeach()
-# Only zqcow:: symbols leave the library (hidden visibility does the rest; the version
-# script also keeps the instantiations of std:: templates in).
+# Only zqcow:: symbols leave the library: hidden visibility hides the internals, the version
+# script (cmake/libzqcow.map) also the std:: template instances the library compiled.
 set(zqcow_version_script ${PROJECT_SOURCE_DIR}/cmake/libzqcow.map)
 set_target_properties(zqcow_shared PROPERTIES
   VERSION ${PROJECT_VERSION} SOVERSION ${ZQCOW_SOVERSION}
   LINK_DEPENDS ${zqcow_version_script})
-target_link_options(zqcow_shared PRIVATE
-  "LINKER:--version-script=${zqcow_version_script}" "LINKER:--no-undefined")
+target_link_options(zqcow_shared PRIVATE "LINKER:--version-script=${zqcow_version_script}")
+# Every dependency is linked (clang's sanitizer runtimes live in the executable: not there).
+if(ZQCOW_SANITIZE STREQUAL "" AND NOT ZQCOW_BUILD_FUZZ)
+  target_link_options(zqcow_shared PRIVATE "LINKER:--no-undefined")
+endif()
 add_library(zqcow::zqcow ALIAS zqcow_shared)
 
 install(TARGETS zqcow RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-install(TARGETS zqcow_shared EXPORT zqcowTargets
-  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} NAMELINK_SKIP)
-install(TARGETS zqcow_shared
-  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} NAMELINK_ONLY)
+install(TARGETS zqcow_shared EXPORT zqcowTargets LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(TARGETS zqcow_static ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(DIRECTORY include/zqcow DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
   FILES_MATCHING PATTERN "*.h")
@@ -84,8 +84,10 @@ install(FILES ${PROJECT_BINARY_DIR}/zqcow.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}
 
 # Manual pages: zqcow(1) and zqcow-SUBCOMMAND(1), made by help2man from the built binary's
 # --help (the subcommands are read from `zqcow --help`), so they say what --help says.
+# Not in the sanitizer and fuzz builds, which are never installed (and whose binary might
+# report a leak at exit).
 find_program(HELP2MAN_PROGRAM help2man)
-if(HELP2MAN_PROGRAM)
+if(HELP2MAN_PROGRAM AND ZQCOW_SANITIZE STREQUAL "" AND NOT ZQCOW_BUILD_FUZZ)
   set(zqcow_man_dir ${PROJECT_BINARY_DIR}/man)
   add_custom_command(OUTPUT ${zqcow_man_dir}/stamp
     COMMAND ${PROJECT_SOURCE_DIR}/cmake/make-man-pages ${HELP2MAN_PROGRAM} $<TARGET_FILE:zqcow>
@@ -95,7 +97,7 @@ if(HELP2MAN_PROGRAM)
   add_custom_target(zqcow_man ALL DEPENDS ${zqcow_man_dir}/stamp)
   install(DIRECTORY ${zqcow_man_dir}/ DESTINATION ${CMAKE_INSTALL_MANDIR}/man1
     FILES_MATCHING PATTERN "*.1")
-else()
+elseif(NOT HELP2MAN_PROGRAM)
   message(STATUS "help2man not found: no manual pages (scripts/setup installs it)")
 endif()
 
