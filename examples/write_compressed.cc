@@ -84,10 +84,9 @@ int main(int argc, char** argv) {
     workers.emplace_back([&] {
       for (uint64_t index = next++; index < kClusters && !failed; index = next++) {
         std::vector<uint8_t> compressed = Deflate(ClusterContent(index));
-        zqcow::Status status =
-            compressed.empty()
-                ? zqcow::Status::InvalidArgument("cluster did not compress")
-                : (*image)->WriteCompressed(index * kClusterSize, compressed);
+        zqcow::Status status = compressed.empty()
+                                   ? zqcow::Status::InvalidArgument("cluster did not compress")
+                                   : (*image)->WriteCompressed(index * kClusterSize, compressed);
         if (!status.ok()) {
           Fail("cluster " + std::to_string(index), status);
           failed = true;

@@ -3,6 +3,8 @@
 // `zqcow --version` names the version, the commit and every library in use, as the library
 // reports them (zqcow/version.h).
 
+#include "zqcow/version.h"
+
 #include <gtest/gtest.h>
 #include <zlib.h>
 #include <zstd.h>
@@ -10,7 +12,6 @@
 #include <string>
 
 #include "testing/test_util.h"
-#include "zqcow/version.h"
 
 namespace zqcow {
 namespace {

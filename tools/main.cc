@@ -50,8 +50,8 @@ int FinishOutput(int exit_code, int error_code) {
 
 // `zqcow --version`: "zqcow 0.1.0 (commit 6f1fd38)", then the libraries in use.
 std::string VersionText() {
-  std::string text = std::string("zqcow ") + zqcow::Version() + " (commit " +
-                     zqcow::GitCommit() + ")\nlibraries:";
+  std::string text =
+      std::string("zqcow ") + zqcow::Version() + " (commit " + zqcow::GitCommit() + ")\nlibraries:";
   for (const zqcow::LibraryVersion& library : zqcow::LibraryVersions()) {
     text += " " + library.name + " " + library.version;
     if (library.build_time) text += " (build)";
