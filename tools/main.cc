@@ -15,11 +15,9 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "zqcow/version.h"
 
 namespace {
-
-// Keep in sync with project(zqcow VERSION ...) in CMakeLists.txt.
-constexpr const char* kVersion = ZQCOW_VERSION;  // project(VERSION) in CMakeLists.txt
 
 // glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
 // buffers allocated by one worker and freed by another keep every arena's memory resident:
@@ -50,6 +48,19 @@ int FinishOutput(int exit_code, int error_code) {
   return exit_code;
 }
 
+// `zqcow --version`: "zqcow 0.1.0 (commit 6f1fd38)", then the libraries in use.
+std::string VersionText() {
+  std::string text =
+      std::string("zqcow ") + zqcow::Version() + " (commit " + zqcow::GitCommit() + ")\nlibraries:";
+  for (const zqcow::LibraryVersion& library : zqcow::LibraryVersions()) {
+    text += " " + library.name + " " + library.version;
+    if (library.build_time) text += " (build)";
+    text += ",";
+  }
+  text.pop_back();
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,7 +69,7 @@ int main(int argc, char** argv) {
   mallopt(M_ARENA_MAX, kMallocArenas);  // before any thread starts
   CLI::App app("zqcow: convert disk images to (compressed) qcow2 fast; qemu-img compatible",
                "zqcow");
-  app.set_version_flag("--version", std::string("zqcow ") + kVersion);
+  app.set_version_flag("--version", VersionText());
   app.require_subcommand(1);
   std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
                                       AddCheckCommand(app), AddCompareCommand(app),

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "zqcow/convert.h"
+#include "zqcow/export.h"
 #include "zqcow/status.h"
 
 namespace zqcow {
@@ -84,11 +85,11 @@ struct BackupResult {
 // without a usable chain (missing previous image, another size, a source shorter than the
 // chain's); conversion errors as Convert reports them. On any error the directory holds
 // no new image and the manifest is unchanged.
-Result<BackupResult> Backup(const std::string& source, const std::string& dir,
+ZQCOW_EXPORT Result<BackupResult> Backup(const std::string& source, const std::string& dir,
                             const BackupOptions& options);
 
 // The manifest entry as JSON text (the manifest's own format for one image).
-std::string BackupImageToJson(const BackupImage& image, int indent = 2);
+ZQCOW_EXPORT std::string BackupImageToJson(const BackupImage& image, int indent = 2);
 
 // What VerifyChain found about one image.
 struct VerifiedImage {
@@ -114,7 +115,7 @@ struct VerifyReport {
 // manifest says, and the content digest recomputed from its own clusters equals the one
 // recorded when it was written. Reads one image at a time, a window of clusters at a time.
 // A non-OK Status only when verification could not run (no or unreadable manifest).
-Result<VerifyReport> VerifyChain(const std::string& dir);
+ZQCOW_EXPORT Result<VerifyReport> VerifyChain(const std::string& dir);
 
 }  // namespace zqcow
 

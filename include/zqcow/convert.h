@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 
+#include "zqcow/export.h"
 #include "zqcow/image.h"
 #include "zqcow/status.h"
 
@@ -100,16 +101,16 @@ struct ConvertOptions {
 // directory is synced). On failure, interruption or crash, `target` is absent (or, with
 // `overwrite`, the old file, untouched) and the partial image is left consistent but
 // marked incomplete (dirty bit), for `resume`; it never looks complete at `target`.
-Result<ConvertStats> Convert(const std::string& source, const std::string& target,
-                             const ConvertOptions& options);
+ZQCOW_EXPORT Result<ConvertStats> Convert(const std::string& source, const std::string& target,
+                                          const ConvertOptions& options);
 
 // Where Convert writes the image for `target` until it is complete: "<target>.zqcow-partial"
 // in the same directory (beside the file a symbolic link `target` names).
-std::string PartialTargetPath(const std::string& target);
+ZQCOW_EXPORT std::string PartialTargetPath(const std::string& target);
 
 // Removes what an interrupted Convert to `target` left (the partial image and its resume
 // record); absent files are fine. For callers that will not resume, e.g. a failed backup.
-Status DiscardPartialTarget(const std::string& target);
+ZQCOW_EXPORT Status DiscardPartialTarget(const std::string& target);
 
 }  // namespace zqcow
 

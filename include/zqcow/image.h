@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "zqcow/export.h"
 #include "zqcow/status.h"
 
 namespace zqcow {
@@ -126,7 +127,7 @@ struct CheckResult {
   std::vector<std::string> messages;  // one line each, like qemu-img check's
 };
 
-class Image {
+class ZQCOW_EXPORT Image {
  public:
   static Result<std::unique_ptr<Image>> Create(const std::string& path,
                                                const CreateOptions& options,
@@ -184,13 +185,13 @@ class Image {
 // Reads the header (and nothing else worth mentioning) of an image. Fails on malformed
 // headers with a clear error.
 // force_share: read without refusing an image another process writes (-U).
-Result<ImageInfo> ReadImageInfo(const std::string& path, bool force_share = false);
+ZQCOW_EXPORT Result<ImageInfo> ReadImageInfo(const std::string& path, bool force_share = false);
 
 // Checks an image file the way `qemu-img check` does, by reading its metadata from disk.
 // Returns the findings; a non-OK Status only when the check itself could not run (the file
 // cannot be opened, the header is unreadable).
 // force_share as for ReadImageInfo.
-Result<CheckResult> CheckImage(const std::string& path, bool force_share = false);
+ZQCOW_EXPORT Result<CheckResult> CheckImage(const std::string& path, bool force_share = false);
 
 }  // namespace zqcow
 

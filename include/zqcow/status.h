@@ -13,9 +13,11 @@
 #include <string_view>
 #include <utility>
 
+#include "zqcow/export.h"
+
 namespace zqcow {
 
-class Status {
+class ZQCOW_EXPORT Status {
  public:
   enum class Code : uint8_t {
     kOk = 0,
