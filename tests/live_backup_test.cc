@@ -189,5 +189,44 @@ TEST_F(LiveBackupTest, PullModeFullThenIncrementalsWhileTheGuestWrites) {
   }
 }
 
+// The cron workflow against a live disk: `zqcow backup` keeps the chain (a full, then
+// incrementals from the previous checkpoint's bitmap) and `zqcow verify` proves it.
+TEST_F(LiveBackupTest, BackupCommandKeepsAVerifiedChainOfARunningDisk) {
+  const uint64_t size = 16 * kMiB;
+  const std::string disk = dir_.File("disk.qcow2");
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 " + Q(disk) + " " + std::to_string(size))
+                .exit_code,
+            0);
+  ASSERT_EQ(RunCommand("qemu-io -f qcow2 -c 'write -P 0x44 1M 5M' " + Q(disk)).exit_code, 0);
+  std::unique_ptr<QemuVm> vm = QemuVm::Start(dir_.path());
+  ASSERT_NE(vm, nullptr);
+  PullModeBackup backup(*vm, disk, dir_.path());
+  const std::string chain = dir_.File("chain");
+  std::mt19937_64 rng(7);
+
+  std::vector<std::string> expected;
+  for (int round = 0; round < 3; ++round) {
+    if (round > 0) {
+      ASSERT_NO_FATAL_FAILURE(WriteThroughGuest(backup.GuestUri(), RandomWrites(rng, size, 8)));
+    }
+    expected.push_back(dir_.File("point-" + std::to_string(round) + ".raw"));
+    SaveGuestView(backup.GuestUri(), expected.back());
+    const std::string previous = round == 0 ? "" : "c" + std::to_string(round - 1);
+    backup.Begin(previous, "c" + std::to_string(round));
+    ASSERT_NO_FATAL_FAILURE(WriteThroughGuest(backup.GuestUri(), RandomWrites(rng, size, 8)));
+    std::string command = ZqcowBinary() + " backup --name vda --output=json -o compression_type=zstd";
+    command += round == 0 ? " --level full" : " --level inc --bitmap " + previous;
+    CommandResult ran = RunCommand(command + " " + Q(backup.BackupUri()) + " " + Q(chain));
+    backup.End(previous);
+    ASSERT_EQ(ran.exit_code, 0) << command << ": " << ran.output;
+    nlohmann::json entry = nlohmann::json::parse(ran.output, nullptr, false);
+    ASSERT_FALSE(entry.is_discarded()) << ran.output;
+    EXPECT_EQ(entry.value("level", ""), round == 0 ? "full" : "inc") << ran.output;
+    ExpectSame(expected.back(), chain + "/" + entry.value("file", std::string("?")));
+  }
+  CommandResult verified = RunCommand(ZqcowBinary() + " verify " + Q(chain));
+  EXPECT_EQ(verified.exit_code, 0) << verified.output;
+}
+
 }  // namespace
 }  // namespace zqcow

@@ -170,9 +170,8 @@ Status CheckBacking(const std::string& path, const std::string& backing_file) {
   ZQ_ASSIGN_OR_RETURN(ImageInfo info, ReadImageInfo(path));
   if (info.backing_file == backing_file) return Status::OK();
   if (info.backing_file.empty()) {
-    return Status::NotSupported(path + ": the conversion did not make it an overlay of " +
-                                backing_file +
-                                " (incremental conversion is not supported by this build)");
+    return Status::Corruption(path + ": the conversion did not make it an overlay of " +
+                              backing_file);
   }
   return Status::Corruption(path + ": names backing file '" + info.backing_file + "', not '" +
                             backing_file + "'");
