@@ -91,7 +91,7 @@ TEST(ManifestTest, MalformedManifestsAreCorruptionNamingTheFile) {
 
 TEST(ManifestTest, ChainProblemsFindEveryBrokenLink) {
   EXPECT_TRUE(ChainProblems(TwoChains()).empty());
-  EXPECT_TRUE(ChainProblems(Manifest{.disk = "vm", .images = {}}).empty());
+  EXPECT_TRUE(ChainProblems(Manifest{.disk = "vm", .images = {}, .pending_merge = {}}).empty());
 
   Manifest wrong_backing = TwoChains();
   wrong_backing.images[2].backing_file = "vm-0000-full.qcow2";  // skips image 1
