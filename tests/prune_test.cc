@@ -221,5 +221,39 @@ TEST_F(PruneTest, ASecondPruneOrBackupWhileOneRunsIsRefused) {
   ExpectOnlyListedFiles();
 }
 
+// An interrupted prune's merged full is checked, not trusted: verify compares it with the
+// digest its pending record names.
+TEST_F(PruneTest, VerifyChecksTheMergedFullOfAnInterruptedPrune) {
+  MakeChain(3);
+  // Crash point 4: after the merged full took vm-0001-inc.qcow2's place.
+  CommandResult killed = RunCommand("ZQCOW_TEST_PRUNE_CRASH_AT=4 " +
+                                    ShellQuote(testing::ZqcowBinary()) + " prune --keep 2 " +
+                                    ShellQuote(chain_.dir()));
+  ASSERT_NE(killed.exit_code, 0) << killed.output;
+  nlohmann::json manifest = chain_.Manifest();
+  ASSERT_TRUE(manifest.contains("pending_merge")) << manifest.dump();
+  EXPECT_EQ(manifest["pending_merge"]["file"], "vm-0001-inc.qcow2");
+  CommandResult verify = BackupChain::Zqcow("verify " + ShellQuote(chain_.dir()));
+  EXPECT_EQ(verify.exit_code, 0) << verify.output;
+  EXPECT_NE(verify.output.find("already the merged full image of an interrupted prune"),
+            std::string::npos)
+      << verify.output;
+  chain_.ExpectSoundAndRestorable("interrupted after the rename");
+
+  std::string digest = manifest["pending_merge"]["content_digest"];
+  digest.back() = digest.back() == '0' ? '1' : '0';
+  manifest["pending_merge"]["content_digest"] = digest;
+  testing::WriteWholeFile(chain_.dir() + "/zqcow-manifest.json",
+                          [&] {
+                            const std::string text = manifest.dump(2);
+                            return std::vector<uint8_t>(text.begin(), text.end());
+                          }());
+  CommandResult tampered = BackupChain::Zqcow("verify " + ShellQuote(chain_.dir()));
+  EXPECT_EQ(tampered.exit_code, 2) << tampered.output;
+  EXPECT_NE(tampered.output.find("vm-0001-inc.qcow2: its guest content does not match"),
+            std::string::npos)
+      << tampered.output;
+}
+
 }  // namespace
 }  // namespace zqcow
