@@ -26,7 +26,7 @@ struct PruneArgs {
   std::string output = "human";
 };
 
-void PrintHuman(const PruneResult& result, const std::string& dir) {
+void PrintHuman(const PruneResult& result, const std::string& dir, unsigned keep) {
   const char* would = result.dry_run ? "would be " : "";
   for (const std::string& note : result.notes) fmt::print("note: {}\n", note);
   if (!result.merged.empty()) {
@@ -37,6 +37,11 @@ void PrintHuman(const PruneResult& result, const std::string& dir) {
     fmt::print("chain {}: {}removed whole\n", chain, would);
   }
   for (const std::string& file : result.removed) fmt::print("{}/{}: {}removed\n", dir, file, would);
+  if (result.points_before <= keep) {
+    fmt::print("{} holds {} restore point(s), no more than --keep {}: nothing to prune\n", dir,
+               result.points_before, keep);
+    return;
+  }
   fmt::print("{}: {} restore point(s){} {}\n", dir, result.points_before,
              result.dry_run ? ", a prune would keep" : ", kept", result.points_after);
 }
@@ -79,7 +84,7 @@ int RunPrune(const PruneArgs& args) {
   if (*output == OutputFormat::kJson) {
     PrintJson(ResultJson(*result, args.dir, args.keep));
   } else {
-    PrintHuman(*result, args.dir);
+    PrintHuman(*result, args.dir, args.keep);
   }
   return kExitOk;
 }

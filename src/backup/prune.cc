@@ -143,12 +143,7 @@ Result<PruneResult> PruneLocked(const std::string& dir, Manifest manifest,
   const size_t points = manifest.images.size();
   result.points_before = points;
   result.points_after = points;
-  if (options.keep >= points) {
-    result.notes.push_back(dir + " holds " + std::to_string(points) +
-                           " restore point(s), no more than --keep " +
-                           std::to_string(options.keep) + ": nothing to prune");
-    return result;
-  }
+  if (options.keep >= points) return result;  // nothing to prune
   const size_t first_kept = points - options.keep;
   const BackupImage& kept = manifest.images[first_kept];
   std::set<std::string> kept_chains;
