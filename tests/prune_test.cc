@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -16,6 +17,7 @@
 
 #include "testing/backup_chain.h"
 #include "testing/test_util.h"
+#include "zqcow/backup.h"
 
 namespace zqcow {
 namespace {
@@ -219,6 +221,33 @@ TEST_F(PruneTest, ASecondPruneOrBackupWhileOneRunsIsRefused) {
   EXPECT_EQ(backup.exit_code, 1) << backup.output;
   EXPECT_EQ(chain_.ListedImages().size(), 3u);
   ExpectOnlyListedFiles();
+}
+
+// The library entry point: a cancelled merge changes nothing and leaves no file behind;
+// --keep 0 is refused; then the same call prunes.
+TEST_F(PruneTest, CancelledPruneChangesNothing) {
+  MakeChain(3);
+  const std::vector<uint8_t> manifest = ReadWholeFile(chain_.dir() + "/zqcow-manifest.json");
+  const std::vector<std::string> files = chain_.Files();
+  std::atomic<bool> cancel{true};
+  PruneOptions options;
+  options.keep = 1;
+  options.cancel = &cancel;
+  Result<PruneResult> cancelled = zqcow::Prune(chain_.dir(), options);
+  EXPECT_EQ(cancelled.status().code(), Status::Code::kInterrupted)
+      << cancelled.status().ToString();
+  EXPECT_EQ(ReadWholeFile(chain_.dir() + "/zqcow-manifest.json"), manifest);
+  EXPECT_EQ(chain_.Files(), files);
+  options.keep = 0;
+  EXPECT_EQ(zqcow::Prune(chain_.dir(), options).status().code(), Status::Code::kInvalidArgument);
+  options.keep = 1;
+  cancel = false;
+  Result<PruneResult> done = zqcow::Prune(chain_.dir(), options);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  EXPECT_EQ(done->merged, "vm-0002-inc.qcow2");
+  EXPECT_EQ(done->removed.size(), 2u);
+  ExpectOnlyListedFiles();
+  chain_.ExpectSoundAndRestorable("after Prune(keep = 1)");
 }
 
 // An interrupted prune's merged full is checked, not trusted: verify compares it with the
