@@ -206,6 +206,25 @@ TEST_F(PruneTest, BackupKeepPrunesAfterEachBackup) {
   chain_.ExpectSoundAndRestorable("after 5 backups with --keep 2");
 }
 
+// --max-incrementals below --keep: new chains start, older ones age out (merged, then whole).
+TEST_F(PruneTest, BackupKeepWithMaxIncrementalsSpansChains) {
+  for (int round = 0; round < 5; ++round) {
+    if (round > 0) chain_.ChangeDisk(round);
+    CommandResult r = chain_.Backup("--keep 3 --max-incrementals 1");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_LE(chain_.ListedImages().size(), 3u);
+    ExpectOnlyListedFiles();
+  }
+  std::vector<nlohmann::json> images = chain_.ListedImages();
+  ASSERT_EQ(images.size(), 3u);
+  // Points 2 (full of chain B), 3 (its incremental) and 4 (full of chain C).
+  EXPECT_EQ(images[0]["file"], "vm-0002-full.qcow2");
+  EXPECT_EQ(images[1]["backing_file"], "vm-0002-full.qcow2");
+  EXPECT_EQ(images[2]["level"], "full");
+  EXPECT_NE(images[2]["chain_id"], images[0]["chain_id"]);
+  chain_.ExpectSoundAndRestorable("after 5 backups with --keep 3 --max-incrementals 1");
+}
+
 TEST_F(PruneTest, ASecondPruneOrBackupWhileOneRunsIsRefused) {
   MakeChain(3);
   const int fd = open((chain_.dir() + "/.zqcow-backup.lock").c_str(), O_RDWR | O_CLOEXEC);
