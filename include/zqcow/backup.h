@@ -122,6 +122,9 @@ struct VerifyReport {
 // lists exists with the recorded size, passes CheckImage, names the backing file the
 // manifest says, and the content digest recomputed from its own clusters equals the one
 // recorded when it was written. Reads one image at a time, a window of clusters at a time.
+// While a prune is interrupted (see Prune), the image it was replacing is checked as the
+// merged full image the manifest's pending record describes once it is that image; files
+// the manifest does not list are notes, never problems.
 // A non-OK Status only when verification could not run (no or unreadable manifest).
 ZQCOW_EXPORT Result<VerifyReport> VerifyChain(const std::string& dir);
 
