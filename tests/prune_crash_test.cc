@@ -54,17 +54,16 @@ class PruneCrashTest : public ::testing::TestWithParam<Scenario> {
   }
 
   std::string PruneCommand() const {
-    return ShellQuote(testing::ZqcowBinary()) + " prune --keep " +
-           std::to_string(GetParam().keep) + " " + ShellQuote(chain_.dir());
+    return ShellQuote(testing::ZqcowBinary()) + " prune --keep " + std::to_string(GetParam().keep) +
+           " " + ShellQuote(chain_.dir());
   }
 
   // After a killed prune: sound; then `finish` (a prune, or a backup) completes the job.
   void ExpectRecovers(const std::string& where, bool finish_with_backup) {
     chain_.ExpectSoundAndRestorable(where + ", killed");
     const unsigned keep = GetParam().keep;
-    CommandResult next = finish_with_backup
-                             ? chain_.Backup("--keep " + std::to_string(keep))
-                             : RunCommand(PruneCommand());
+    CommandResult next = finish_with_backup ? chain_.Backup("--keep " + std::to_string(keep))
+                                            : RunCommand(PruneCommand());
     ASSERT_EQ(next.exit_code, 0) << where << ": " << next.output;
     chain_.ExpectSoundAndRestorable(where + ", then completed");
     std::vector<nlohmann::json> images = chain_.ListedImages();
@@ -86,8 +85,8 @@ TEST_P(PruneCrashTest, KilledAtEveryStepTheChainVerifiesRestoresAndCompletes) {
   for (; point <= kMaxCrashPoints; ++point) {
     const std::string where = "crash point " + std::to_string(point);
     chain_.UseCopy(template_dir_, tmp_.File("work"));
-    CommandResult run = RunCommand("ZQCOW_TEST_PRUNE_CRASH_AT=" + std::to_string(point) + " " +
-                                   PruneCommand());
+    CommandResult run =
+        RunCommand("ZQCOW_TEST_PRUNE_CRASH_AT=" + std::to_string(point) + " " + PruneCommand());
     if (run.exit_code == 0) break;  // the prune ran past its last crash point
     ASSERT_TRUE(run.exit_code == kExitKilled || run.exit_code == -1) << where << ": " << run.output;
     ExpectRecovers(where, /*finish_with_backup=*/point % 2 == 0);
@@ -103,8 +102,8 @@ TEST_P(PruneCrashTest, KilledAtAnyTimeTheChainVerifiesRestoresAndCompletes) {
   for (int delay_ms : {5, 30, 80, 150, 400}) {
     const std::string where = "killed after " + std::to_string(delay_ms) + " ms";
     chain_.UseCopy(template_dir_, tmp_.File("work"));
-    CommandResult run = RunCommand("timeout -s KILL " + std::to_string(delay_ms / 1000.0) + " " +
-                                   PruneCommand());
+    CommandResult run =
+        RunCommand("timeout -s KILL " + std::to_string(delay_ms / 1000.0) + " " + PruneCommand());
     ASSERT_TRUE(run.exit_code == 0 || run.exit_code == kExitKilled || run.exit_code == -1)
         << where << ": " << run.output;
     ExpectRecovers(where, /*finish_with_backup=*/false);

@@ -192,7 +192,8 @@ TEST_F(PruneTest, BackupKeepPrunesAfterEachBackup) {
     if (round > 0) chain_.ChangeDisk(round);
     CommandResult r = chain_.Backup("--keep 2");
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_EQ(chain_.ListedImages().size(), static_cast<size_t>(std::min(round + 1, 2))) << r.output;
+    EXPECT_EQ(chain_.ListedImages().size(), static_cast<size_t>(std::min(round + 1, 2)))
+        << r.output;
     if (round >= 2) {
       EXPECT_NE(r.output.find("--keep 2: removed"), std::string::npos) << r.output;
     }
@@ -253,8 +254,7 @@ TEST_F(PruneTest, CancelledPruneChangesNothing) {
   options.keep = 1;
   options.cancel = &cancel;
   Result<PruneResult> cancelled = zqcow::Prune(chain_.dir(), options);
-  EXPECT_EQ(cancelled.status().code(), Status::Code::kInterrupted)
-      << cancelled.status().ToString();
+  EXPECT_EQ(cancelled.status().code(), Status::Code::kInterrupted) << cancelled.status().ToString();
   EXPECT_EQ(ReadWholeFile(chain_.dir() + "/zqcow-manifest.json"), manifest);
   EXPECT_EQ(chain_.Files(), files);
   options.keep = 0;
@@ -274,9 +274,9 @@ TEST_F(PruneTest, CancelledPruneChangesNothing) {
 TEST_F(PruneTest, VerifyChecksTheMergedFullOfAnInterruptedPrune) {
   MakeChain(3);
   // Crash point 4: after the merged full took vm-0001-inc.qcow2's place.
-  CommandResult killed = RunCommand("ZQCOW_TEST_PRUNE_CRASH_AT=4 " +
-                                    ShellQuote(testing::ZqcowBinary()) + " prune --keep 2 " +
-                                    ShellQuote(chain_.dir()));
+  CommandResult killed =
+      RunCommand("ZQCOW_TEST_PRUNE_CRASH_AT=4 " + ShellQuote(testing::ZqcowBinary()) +
+                 " prune --keep 2 " + ShellQuote(chain_.dir()));
   ASSERT_NE(killed.exit_code, 0) << killed.output;
   nlohmann::json manifest = chain_.Manifest();
   ASSERT_TRUE(manifest.contains("pending_merge")) << manifest.dump();
@@ -291,11 +291,10 @@ TEST_F(PruneTest, VerifyChecksTheMergedFullOfAnInterruptedPrune) {
   std::string digest = manifest["pending_merge"]["content_digest"];
   digest.back() = digest.back() == '0' ? '1' : '0';
   manifest["pending_merge"]["content_digest"] = digest;
-  testing::WriteWholeFile(chain_.dir() + "/zqcow-manifest.json",
-                          [&] {
-                            const std::string text = manifest.dump(2);
-                            return std::vector<uint8_t>(text.begin(), text.end());
-                          }());
+  testing::WriteWholeFile(chain_.dir() + "/zqcow-manifest.json", [&] {
+    const std::string text = manifest.dump(2);
+    return std::vector<uint8_t>(text.begin(), text.end());
+  }());
   CommandResult tampered = BackupChain::Zqcow("verify " + ShellQuote(chain_.dir()));
   EXPECT_EQ(tampered.exit_code, 2) << tampered.output;
   EXPECT_NE(tampered.output.find("vm-0001-inc.qcow2: its guest content does not match"),

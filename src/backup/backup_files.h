@@ -39,8 +39,7 @@ class DirectoryLock {
 // not list: left by an interrupted backup or prune (IsBackupFileName says which names).
 Result<std::vector<std::string>> UnlistedFiles(const std::string& dir, const Manifest& manifest);
 // Removes them; returns a note per file removed.
-Result<std::vector<std::string>> RemoveStaleFiles(const std::string& dir,
-                                                  const Manifest& manifest);
+Result<std::vector<std::string>> RemoveStaleFiles(const std::string& dir, const Manifest& manifest);
 
 Result<uint64_t> FileSize(const std::string& path);
 

@@ -9,6 +9,8 @@
 //   5. remove the dropped images' files.
 // After each step the directory verifies and restores every point its manifest lists.
 
+#include "backup/prune.h"
+
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -20,7 +22,6 @@
 
 #include "backup/backup_files.h"
 #include "backup/manifest.h"
-#include "backup/prune.h"
 #include "zqcow/backup.h"
 #include "zqcow/convert.h"
 #include "zqcow/image.h"
@@ -64,9 +65,9 @@ Result<PendingMerge> WriteMergedFull(const std::string& dir, const Manifest& man
   convert.workers = options.workers;
   convert.cancel = options.cancel;
   Result<ConvertStats> stats = Convert(source, temp, convert);
-  Result<digest::ContentDigest> content =
-      stats.ok() ? CheckNewImage(temp, "", stats->content_digest)
-                 : Result<digest::ContentDigest>(stats.status());
+  Result<digest::ContentDigest> content = stats.ok()
+                                              ? CheckNewImage(temp, "", stats->content_digest)
+                                              : Result<digest::ContentDigest>(stats.status());
   Status status = content.status();
   if (status.ok()) status = SyncPath(temp);
   Result<uint64_t> size = status.ok() ? FileSize(temp) : Result<uint64_t>(status);

@@ -28,7 +28,7 @@ void BackupChain::ChangeDisk(int round) {
   const uint64_t size = std::filesystem::file_size(disk_);
   GuestWrite((round * 3 * kMiB / 2) % (size - kMiB), 192 * 1024, 0x20 + round);
   GuestWrite((round * 5 * kMiB / 2 + 4096) % (size - kMiB), 8192, 0x60 + round);  // a part
-  GuestWrite((round * kMiB) % (size - kMiB) + 256 * 1024, 128 * 1024, 0);  // data to zeros
+  GuestWrite((round * kMiB) % (size - kMiB) + 256 * 1024, 128 * 1024, 0);         // data to zeros
 }
 
 CommandResult BackupChain::Zqcow(const std::string& args) {
