@@ -59,6 +59,22 @@ class PruneTest : public ::testing::Test {
     for (const nlohmann::json& image : chain_.ListedImages()) files.push_back(image["file"]);
     return files;
   }
+  // `rounds` backups with `options` (a --keep `keep`), the disk changed between them:
+  // after each, DIR holds min(round, keep) points, their images and nothing else, and
+  // once the prune removes something the backup says so.
+  void BackupRounds(int rounds, const std::string& options, size_t keep) {
+    for (int round = 0; round < rounds; ++round) {
+      if (round > 0) chain_.ChangeDisk(round);
+      CommandResult r = chain_.Backup(options);
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      const size_t points = static_cast<size_t>(round) + 1;
+      EXPECT_EQ(chain_.ListedImages().size(), std::min(points, keep)) << r.output;
+      if (points > keep) {
+        EXPECT_NE(r.output.find(": removed"), std::string::npos) << r.output;
+      }
+      ExpectOnlyListedFiles();
+    }
+  }
   // What DIR should hold: the listed images, the manifest and the lock, nothing else.
   void ExpectOnlyListedFiles() {
     std::vector<std::string> expected = ListedFiles();
@@ -188,17 +204,7 @@ TEST_F(PruneTest, OlderChainsGoWholeAndTheKeptChainIsMergedOnlyWhenNeeded) {
 }
 
 TEST_F(PruneTest, BackupKeepPrunesAfterEachBackup) {
-  for (int round = 0; round < 5; ++round) {
-    if (round > 0) chain_.ChangeDisk(round);
-    CommandResult r = chain_.Backup("--keep 2");
-    ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_EQ(chain_.ListedImages().size(), static_cast<size_t>(std::min(round + 1, 2)))
-        << r.output;
-    if (round >= 2) {
-      EXPECT_NE(r.output.find("--keep 2: removed"), std::string::npos) << r.output;
-    }
-    ExpectOnlyListedFiles();
-  }
+  BackupRounds(5, "--keep 2", 2);
   // Still one chain of incrementals (the merged full at its base), never a new full.
   std::vector<nlohmann::json> images = chain_.ListedImages();
   EXPECT_EQ(images[0]["level"], "full");
@@ -209,13 +215,7 @@ TEST_F(PruneTest, BackupKeepPrunesAfterEachBackup) {
 
 // --max-incrementals below --keep: new chains start, older ones age out (merged, then whole).
 TEST_F(PruneTest, BackupKeepWithMaxIncrementalsSpansChains) {
-  for (int round = 0; round < 5; ++round) {
-    if (round > 0) chain_.ChangeDisk(round);
-    CommandResult r = chain_.Backup("--keep 3 --max-incrementals 1");
-    ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_LE(chain_.ListedImages().size(), 3u);
-    ExpectOnlyListedFiles();
-  }
+  BackupRounds(5, "--keep 3 --max-incrementals 1", 3);
   std::vector<nlohmann::json> images = chain_.ListedImages();
   ASSERT_EQ(images.size(), 3u);
   // Points 2 (full of chain B), 3 (its incremental) and 4 (full of chain C).
