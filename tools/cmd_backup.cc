@@ -28,6 +28,7 @@ struct BackupArgs {
   std::string bitmap;
   std::string name;
   unsigned max_incrementals = BackupOptions().max_incrementals;
+  unsigned keep = 0;
   std::string source_format;
   bool compress = true;  // -c: accepted, always on
   std::vector<std::string> create_options;
@@ -54,6 +55,7 @@ Result<BackupOptions> BuildOptions(const BackupArgs& args) {
   options.bitmap = args.bitmap;
   options.disk_name = args.name;
   options.max_incrementals = args.max_incrementals;
+  options.keep = args.keep;
   ConvertOptions& convert = options.convert;
   if (!args.source_format.empty() && args.source_format != kFormatRaw &&
       args.source_format != kFormatQcow2) {
@@ -109,6 +111,12 @@ int RunBackup(const BackupArgs& args) {
   } else {
     PrintHuman(*result, args.dir);
   }
+  if (!result->prune_status.ok()) {
+    PrintError(fmt::format("the backup {}/{} is complete, but the --keep {} prune failed: {}",
+                           args.dir, result->image.file, args.keep,
+                           result->prune_status.message()));
+    return kExitError;
+  }
   return kExitOk;
 }
 
@@ -129,6 +137,9 @@ Subcommand AddBackupCommand(CLI::App& parent) {
   app->add_option("--max-incrementals", args->max_incrementals,
                   "Take a full backup once the chain has this many incrementals (default 30)")
       ->check(CLI::Range(1u, 30u));
+  app->add_option("--keep", args->keep,
+                  "Then keep only the newest N restore points of DIR, as `zqcow prune --keep N`")
+      ->check(CLI::Range(1u, 1000000u));
   app->add_option("-f", args->source_format, "Source format: raw or qcow2 (default: detect)");
   app->add_flag("-c", args->compress, "Compress (always on; accepted for convert's habits)");
   app->add_option("-o", args->create_options,

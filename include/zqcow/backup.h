@@ -17,6 +17,7 @@
 #ifndef ZQCOW_BACKUP_H_
 #define ZQCOW_BACKUP_H_
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -47,6 +48,9 @@ struct BackupOptions {
   // An incremental chain longer than this starts over with a full image (every image of a
   // chain is a backing file of the next; readers refuse very deep chains).
   unsigned max_incrementals = 30;
+  // Retention: after the image was added, Prune(dir, {.keep = keep}) (0 = no prune). A
+  // failed prune leaves the backup in place and is reported in BackupResult::prune_status.
+  unsigned keep = 0;
   // How to read the source and write the image. Backup sets compress, overwrite,
   // backing_file, backing_format and bitmap itself.
   ConvertOptions convert;
@@ -77,6 +81,10 @@ struct BackupResult {
   BackupImage image;               // the image added (now the manifest's last)
   ConvertStats stats;              // of its conversion
   std::vector<std::string> notes;  // one line each: why a full was taken, files cleaned up
+  // With BackupOptions::keep: the files the prune removed (its notes are in `notes`), and
+  // how it ended (the backup itself succeeded either way).
+  std::vector<std::string> pruned;
+  Status prune_status;
 };
 
 // Backs `source` up into directory `dir` (created if missing, its parent must exist).
@@ -114,8 +122,48 @@ struct VerifyReport {
 // lists exists with the recorded size, passes CheckImage, names the backing file the
 // manifest says, and the content digest recomputed from its own clusters equals the one
 // recorded when it was written. Reads one image at a time, a window of clusters at a time.
+// While a prune is interrupted (see Prune), the image it was replacing is checked as the
+// merged full image the manifest's pending record describes once it is that image; files
+// the manifest does not list are notes, never problems.
 // A non-OK Status only when verification could not run (no or unreadable manifest).
 ZQCOW_EXPORT Result<VerifyReport> VerifyChain(const std::string& dir);
+
+// ---- Retention: zqcow prune, zqcow backup --keep (src/backup/prune.cc) ----
+//
+// A restore point is one image the manifest lists (the guest content when that backup
+// began); the points of a directory are its images across all chains, oldest first. Prune
+// keeps the newest `keep` of them: chains whose points all go are removed whole; when the
+// oldest point kept is an incremental, it and the images below it in its chain are merged
+// into a compressed full image that takes that incremental's file name (so the next
+// incremental's backing file stays valid), then the older images are removed. Every step
+// is crash safe (docs/RELIABILITY.md): a crash leaves a directory VerifyChain accepts,
+// restoring to every point its manifest lists, and the next Backup or Prune completes or
+// undoes the interrupted step.
+
+struct PruneOptions {
+  unsigned keep = 0;     // restore points to keep; 0 is refused (kInvalidArgument)
+  bool dry_run = false;  // report what would be done, change nothing
+  unsigned workers = 0;  // for the merge's conversion; 0 = one per online core
+  const std::atomic<bool>* cancel = nullptr;  // stops the merge's conversion (kInterrupted)
+};
+
+struct PruneResult {
+  bool dry_run = false;
+  size_t points_before = 0;
+  size_t points_after = 0;
+  // The image that became (dry run: would become) a full image, "" when none, and the
+  // images merged into it, oldest first (it last).
+  std::string merged;
+  std::vector<std::string> merged_from;
+  std::vector<std::string> dropped_chains;  // chain ids removed whole
+  std::vector<std::string> removed;         // image files removed (dry run: to remove)
+  std::vector<std::string> notes;           // one line each (an interrupted prune, stale files)
+};
+
+// Runs exclusively, under the same directory lock as Backup (a Backup or Prune already
+// running on `dir` makes it fail at once with kAlreadyExists). Errors name the file and
+// the cause; on any error the directory still verifies and restores every listed point.
+ZQCOW_EXPORT Result<PruneResult> Prune(const std::string& dir, const PruneOptions& options);
 
 }  // namespace zqcow
 

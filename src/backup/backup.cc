@@ -5,95 +5,27 @@
 
 #include "zqcow/backup.h"
 
-#include <dirent.h>
-#include <fcntl.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <ctime>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <set>
 #include <utility>
 
-#include "backup/image_digest.h"
+#include "backup/backup_files.h"
 #include "backup/manifest.h"
+#include "backup/prune.h"
 #include "convert/source.h"
 #include "zqcow/image.h"
 
 namespace zqcow {
 namespace {
 
+using backup::CheckNewImage;
+using backup::FileSize;
 using backup::Manifest;
-
-constexpr const char* kLockName = ".zqcow-backup.lock";
-
-// Holds an exclusive flock on DIR/.zqcow-backup.lock: one backup per directory at a time.
-class DirectoryLock {
- public:
-  ~DirectoryLock() {
-    if (fd_ >= 0) close(fd_);
-  }
-  Status Acquire(const std::string& dir) {
-    const std::string path = dir + "/" + kLockName;
-    fd_ = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd_ < 0) return Status::FromErrno(errno, path);
-    if (flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-      if (errno == EWOULDBLOCK) {
-        return Status::AlreadyExists(dir + ": another zqcow backup is running on this directory");
-      }
-      return Status::FromErrno(errno, path + ": flock");
-    }
-    return Status::OK();
-  }
-
- private:
-  int fd_ = -1;
-};
-
-std::string UtcNow() {
-  const std::time_t now = std::time(nullptr);
-  std::tm utc{};
-  gmtime_r(&now, &utc);
-  char text[32];
-  std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &utc);
-  return text;
-}
-
-Result<uint64_t> FileSize(const std::string& path) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0) return Status::FromErrno(errno, path);
-  return static_cast<uint64_t>(st.st_size);
-}
-
-// Removes what earlier runs left behind: files named like this disk's images or their
-// partial files that the manifest does not list (an interrupted conversion, or a crash
-// between an image's rename and the manifest update). Returns a note per file.
-Result<std::vector<std::string>> RemoveStaleFiles(const std::string& dir,
-                                                  const Manifest& manifest) {
-  std::set<std::string> listed;
-  for (const BackupImage& image : manifest.images) listed.insert(image.file);
-  DIR* stream = opendir(dir.c_str());
-  if (stream == nullptr) return Status::FromErrno(errno, dir);
-  std::vector<std::string> stale;
-  while (const dirent* entry = readdir(stream)) {
-    const std::string name = entry->d_name;
-    if (backup::IsBackupFileName(manifest.disk, name) && listed.count(name) == 0) {
-      stale.push_back(name);
-    }
-  }
-  closedir(stream);
-  std::vector<std::string> notes;
-  for (const std::string& name : stale) {
-    const std::string path = dir + "/" + name;
-    if (unlink(path.c_str()) != 0)
-      return Status::FromErrno(errno, path + ": removing a stale file");
-    notes.push_back(path + ": removed (left by an earlier backup that did not complete)");
-  }
-  return notes;
-}
+using backup::UtcNow;
 
 // What the source looks like now.
 struct SourceFacts {
@@ -164,46 +96,12 @@ std::string WhyNotIncremental(const std::string& dir, const Manifest& manifest,
   return "";
 }
 
-// The image written names `backing_file` ("" = none) as its backing file: a conversion
-// that ignored it would pass a full image off as an overlay.
-Status CheckBacking(const std::string& path, const std::string& backing_file) {
-  ZQ_ASSIGN_OR_RETURN(ImageInfo info, ReadImageInfo(path));
-  if (info.backing_file == backing_file) return Status::OK();
-  if (info.backing_file.empty()) {
-    return Status::Corruption(path + ": the conversion did not make it an overlay of " +
-                              backing_file);
-  }
-  return Status::Corruption(path + ": names backing file '" + info.backing_file + "', not '" +
-                            backing_file + "'");
-}
-
-// Checks the image a conversion just wrote at `path` (its backing file, CheckImage) and
-// returns the digest of its guest content: the clusters written with data, as hashed from
-// what the conversion read off the source (`written_digest`), and its zero clusters (an
-// incremental's hiding of data that became zeros), which hold no data to hash: they are
-// taken from the image's metadata.
-Result<digest::ContentDigest> CheckNewImage(const std::string& path,
-                                            const std::string& backing_file,
-                                            const std::string& written_digest) {
-  ZQ_RETURN_IF_ERROR(CheckBacking(path, backing_file));
-  ZQ_ASSIGN_OR_RETURN(CheckResult check, CheckImage(path));
-  if (check.corruptions > 0 || check.incomplete) {
-    return Status::Corruption(path + ": the new image fails its check" +
-                              (check.messages.empty() ? "" : ": " + check.messages[0]));
-  }
-  ZQ_ASSIGN_OR_RETURN(digest::ContentDigest content, digest::ContentDigest::Parse(written_digest));
-  ZQ_ASSIGN_OR_RETURN(digest::ContentDigest zeros,
-                      backup::DigestImageClusters(path, backup::ClustersToHash::kZeroOnly));
-  content.Merge(zeros);
-  return content;
-}
-
 void RemoveIfPresent(const std::string& path) { (void)unlink(path.c_str()); }
 
 }  // namespace
 
 std::string BackupImageToJson(const BackupImage& image, int indent) {
-  Manifest manifest{.disk = "x", .images = {image}};
+  Manifest manifest{.disk = "x", .images = {image}, .pending_merge = {}};
   // One place knows the entry's JSON form: the manifest's.
   nlohmann::json j = nlohmann::json::parse(backup::ManifestToText(manifest));
   return j["images"][0].dump(indent);
@@ -212,7 +110,7 @@ std::string BackupImageToJson(const BackupImage& image, int indent) {
 Result<BackupResult> Backup(const std::string& source, const std::string& dir,
                             const BackupOptions& options) {
   if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) return Status::FromErrno(errno, dir);
-  DirectoryLock lock;
+  backup::DirectoryLock lock;
   ZQ_RETURN_IF_ERROR(lock.Acquire(dir));
 
   Manifest manifest;
@@ -230,12 +128,14 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
     manifest.disk =
         options.disk_name.empty() ? backup::DiskNameFromSource(source) : options.disk_name;
   }
+  BackupResult result;
+  ZQ_RETURN_IF_ERROR(backup::FinishInterruptedPrune(dir, manifest, /*dry_run=*/false,
+                                                    result.notes));
   if (std::vector<std::string> problems = backup::ChainProblems(manifest); !problems.empty()) {
     return Status::Corruption(backup::ManifestPath(dir) + ": " + problems.front());
   }
 
-  BackupResult result;
-  ZQ_ASSIGN_OR_RETURN(result.notes, RemoveStaleFiles(dir, manifest));
+  ZQ_ASSIGN_OR_RETURN(result.notes, backup::RemoveStaleFiles(dir, manifest));
   ZQ_ASSIGN_OR_RETURN(SourceFacts facts, ProbeSource(source, options));
 
   const std::string why_full = WhyNotIncremental(dir, manifest, facts, options);
@@ -316,6 +216,28 @@ Result<BackupResult> Backup(const std::string& source, const std::string& dir,
     Result<Manifest> now = backup::ReadManifest(dir);
     if (!now.ok() || now->images.size() != manifest.images.size()) RemoveIfPresent(final_path);
     return status;
+  }
+  if (options.keep > 0) {
+    PruneOptions prune;
+    prune.keep = options.keep;
+    prune.workers = options.convert.workers;
+    prune.cancel = options.convert.cancel;
+    Result<PruneResult> pruned = backup::PruneLocked(dir, std::move(manifest), prune);
+    if (pruned.ok()) {
+      result.pruned = pruned->removed;
+      result.notes.insert(result.notes.end(), pruned->notes.begin(), pruned->notes.end());
+      if (!pruned->merged.empty()) {
+        result.notes.push_back("--keep " + std::to_string(options.keep) + ": merged " +
+                               std::to_string(pruned->merged_from.size()) + " image(s) into " +
+                               dir + "/" + pruned->merged + ", now a full image");
+      }
+      for (const std::string& file : pruned->removed) {
+        result.notes.push_back("--keep " + std::to_string(options.keep) + ": removed " + dir +
+                               "/" + file);
+      }
+    } else {
+      result.prune_status = pruned.status();
+    }
   }
   return result;
 }

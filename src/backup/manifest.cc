@@ -21,6 +21,7 @@ constexpr const char* kFormatName = "zqcow-backup-manifest";
 constexpr int kFormatVersion = 1;
 constexpr const char* kTempSuffix = ".tmp";
 constexpr std::string_view kConvertPartialSuffix = ".zqcow-partial";
+constexpr std::string_view kConvertRecordSuffix = ".info";
 constexpr int kSequenceDigits = 4;
 constexpr const char* kDefaultDiskName = "disk";
 
@@ -125,6 +126,12 @@ std::string ManifestToText(const Manifest& manifest) {
                       {"version", kFormatVersion},
                       {"disk", manifest.disk},
                       {"images", std::move(images)}};
+  if (manifest.pending_merge) {
+    const PendingMerge& merge = *manifest.pending_merge;
+    j["pending_merge"] = {{"file", merge.file},
+                          {"file_size", merge.file_size},
+                          {"content_digest", merge.content_digest}};
+  }
   return j.dump(2) + "\n";
 }
 
@@ -150,6 +157,51 @@ Result<Manifest> ParseManifest(std::string_view text, const std::string& where) 
     ZQ_ASSIGN_OR_RETURN(BackupImage image, ImageFromJson(j["images"][i], where, i));
     manifest.images.push_back(std::move(image));
   }
+  if (j.contains("pending_merge")) {
+    const nlohmann::json& entry = j["pending_merge"];
+    PendingMerge merge;
+    if (!entry.is_object() || !Field(entry, "file", merge.file) ||
+        !Field(entry, "file_size", merge.file_size) ||
+        !Field(entry, "content_digest", merge.content_digest)) {
+      return Status::Corruption(where + ": 'pending_merge' is not a valid record");
+    }
+    bool listed = false;
+    for (const BackupImage& image : manifest.images) {
+      listed = listed || (image.file == merge.file && image.level == kLevelIncremental);
+    }
+    if (!listed) {
+      return Status::Corruption(where + ": 'pending_merge' names " + merge.file +
+                                ", not an incremental image it lists");
+    }
+    manifest.pending_merge = std::move(merge);
+  }
+  return manifest;
+}
+
+BackupImage MergedEntry(const BackupImage& image, const PendingMerge& merge) {
+  BackupImage merged = image;
+  merged.level = kLevelFull;
+  merged.backing_file.clear();
+  merged.bitmap.clear();
+  merged.file_size = merge.file_size;
+  merged.content_digest = merge.content_digest;
+  return merged;
+}
+
+Manifest ApplyPendingMerge(Manifest manifest) {
+  if (!manifest.pending_merge) return manifest;
+  const PendingMerge merge = *manifest.pending_merge;
+  manifest.pending_merge.reset();
+  size_t at = 0;
+  while (at < manifest.images.size() && manifest.images[at].file != merge.file) ++at;
+  if (at == manifest.images.size()) return manifest;
+  const std::string chain = manifest.images[at].chain_id;
+  std::vector<BackupImage> images;
+  for (size_t i = 0; i < manifest.images.size(); ++i) {
+    if (i < at && manifest.images[i].chain_id == chain) continue;  // merged into it
+    images.push_back(i == at ? MergedEntry(manifest.images[i], merge) : manifest.images[i]);
+  }
+  manifest.images = std::move(images);
   return manifest;
 }
 
@@ -242,8 +294,16 @@ bool IsBackupFileName(const std::string& disk, std::string_view name) {
   const std::string prefix = disk + "-";
   if (!name.starts_with(prefix)) return false;
   name.remove_prefix(prefix.size());
-  for (std::string_view suffix : {kConvertPartialSuffix, kPartialSuffix}) {
-    if (name.ends_with(suffix)) name.remove_suffix(suffix.size());
+  if (name.ends_with(kConvertRecordSuffix) &&
+      name.substr(0, name.size() - kConvertRecordSuffix.size()).ends_with(kConvertPartialSuffix)) {
+    name.remove_suffix(kConvertRecordSuffix.size());
+  }
+  if (name.ends_with(kConvertPartialSuffix)) name.remove_suffix(kConvertPartialSuffix.size());
+  for (std::string_view suffix : {kPartialSuffix, kPrunePartialSuffix}) {
+    if (name.ends_with(suffix)) {
+      name.remove_suffix(suffix.size());
+      break;
+    }
   }
   for (std::string_view level : {"-full.qcow2", "-inc.qcow2"}) {
     if (name.ends_with(level)) return IsDigits(name.substr(0, name.size() - level.size()));

@@ -91,7 +91,7 @@ TEST(ManifestTest, MalformedManifestsAreCorruptionNamingTheFile) {
 
 TEST(ManifestTest, ChainProblemsFindEveryBrokenLink) {
   EXPECT_TRUE(ChainProblems(TwoChains()).empty());
-  EXPECT_TRUE(ChainProblems(Manifest{.disk = "vm", .images = {}}).empty());
+  EXPECT_TRUE(ChainProblems(Manifest{.disk = "vm", .images = {}, .pending_merge = {}}).empty());
 
   Manifest wrong_backing = TwoChains();
   wrong_backing.images[2].backing_file = "vm-0000-full.qcow2";  // skips image 1
@@ -144,6 +144,40 @@ TEST(ManifestTest, WriteIsAtomicAndReadBack) {
   EXPECT_TRUE(ReadManifest(dir.path()).status().IsCorruption());
 }
 
+// A prune's pending merge survives the text form, and applying it drops the images of that
+// chain below the merged one, which becomes a full image; other chains stay.
+TEST(ManifestTest, PendingMergeRoundTripsAndApplies) {
+  Manifest manifest = TwoChains();
+  manifest.pending_merge = PendingMerge{.file = "vm-0004-inc.qcow2",
+                                        .file_size = 999,
+                                        .content_digest = "v1:9:0000000000000003:0000000000000004"};
+  Result<Manifest> parsed = ParseManifest(ManifestToText(manifest), "m");
+  ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+  ASSERT_TRUE(parsed->pending_merge.has_value());
+  EXPECT_EQ(parsed->pending_merge->file, "vm-0004-inc.qcow2");
+  EXPECT_EQ(parsed->pending_merge->file_size, 999u);
+  EXPECT_FALSE(ParseManifest(ManifestToText(TwoChains()), "m")->pending_merge.has_value());
+
+  Manifest applied = ApplyPendingMerge(*parsed);
+  EXPECT_FALSE(applied.pending_merge.has_value());
+  ASSERT_EQ(applied.images.size(), 4u);  // chain a untouched, b's full merged away
+  EXPECT_EQ(applied.images[2].file, "vm-0002-inc.qcow2");
+  const BackupImage& merged = applied.images[3];
+  EXPECT_EQ(merged.file, "vm-0004-inc.qcow2");
+  EXPECT_EQ(merged.level, kLevelFull);
+  EXPECT_EQ(merged.backing_file, "");
+  EXPECT_EQ(merged.file_size, 999u);
+  EXPECT_EQ(merged.content_digest, "v1:9:0000000000000003:0000000000000004");
+  EXPECT_EQ(merged.sequence, 4u);
+  EXPECT_TRUE(ChainProblems(applied).empty());
+
+  // A pending merge must name an incremental the manifest lists.
+  for (const char* file : {"vm-0003-full.qcow2", "vm-0009-inc.qcow2"}) {
+    manifest.pending_merge->file = file;
+    EXPECT_TRUE(ParseManifest(ManifestToText(manifest), "m").status().IsCorruption()) << file;
+  }
+}
+
 TEST(ManifestTest, NamesSortAndAreRecognised) {
   EXPECT_EQ(ImageFileName("vm", 0, kLevelFull), "vm-0000-full.qcow2");
   EXPECT_EQ(ImageFileName("vm", 12, kLevelIncremental), "vm-0012-inc.qcow2");
@@ -152,7 +186,13 @@ TEST(ManifestTest, NamesSortAndAreRecognised) {
   EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-full.qcow2.zqcow-backup-partial"));
   EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-full.qcow2.zqcow-backup-partial.zqcow-partial"));
   EXPECT_TRUE(IsBackupFileName("vm", "vm-12345-inc.qcow2"));
-  for (const char* other : {"vm.qcow2", "vm-3-inc.qcow2", "vm-00x3-inc.qcow2", "vm2-0003-inc.qcow2",
+  EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-inc.qcow2.zqcow-prune-partial"));
+  EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-inc.qcow2.zqcow-prune-partial.zqcow-partial"));
+  EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-inc.qcow2.zqcow-prune-partial.zqcow-partial.info"));
+  EXPECT_TRUE(IsBackupFileName("vm", "vm-0003-full.qcow2.zqcow-backup-partial.zqcow-partial.info"));
+  for (const char* other : {"vm-0003-inc.qcow2.info", "vm-0003-inc.qcow2.zqcow-prune-partial.info",
+                            "vm-0003-inc.qcow2.zqcow-prune-partial.zqcow-backup-partial",
+                            "vm.qcow2", "vm-3-inc.qcow2", "vm-00x3-inc.qcow2", "vm2-0003-inc.qcow2",
                             "vm-0003-diff.qcow2", "zqcow-manifest.json", "vm-0003-inc.qcow2.bak"}) {
     EXPECT_FALSE(IsBackupFileName("vm", other)) << other;
   }

@@ -2,13 +2,12 @@
 //
 // zqcow::VerifyChain: checks every image the manifest lists, reading only.
 
-#include <dirent.h>
 #include <sys/stat.h>
 
 #include <cerrno>
-#include <set>
 #include <utility>
 
+#include "backup/backup_files.h"
 #include "backup/image_digest.h"
 #include "backup/manifest.h"
 #include "zqcow/backup.h"
@@ -113,23 +112,37 @@ void CheckContent(const std::string& path, VerifiedImage& report) {
              recorded->ToString() + "): damaged data, or an image of another chain");
 }
 
-// Notes for partial files of a backup that is running or did not complete.
-std::vector<std::string> UnlistedFiles(const std::string& dir, const backup::Manifest& manifest) {
-  std::set<std::string> listed;
-  for (const BackupImage& image : manifest.images) listed.insert(image.file);
+// Notes for files of a backup or prune that is running or did not complete.
+std::vector<std::string> UnlistedNotes(const std::string& dir, const backup::Manifest& manifest) {
   std::vector<std::string> notes;
-  DIR* stream = opendir(dir.c_str());
-  if (stream == nullptr) return notes;
-  while (const dirent* entry = readdir(stream)) {
-    const std::string name = entry->d_name;
-    if (backup::IsBackupFileName(manifest.disk, name) && listed.count(name) == 0) {
-      notes.push_back(dir + "/" + name +
-                      ": not in the manifest, so not part of any chain (a backup that is "
-                      "running or did not complete; the next backup removes it)");
-    }
+  Result<std::vector<std::string>> unlisted = backup::UnlistedFiles(dir, manifest);
+  if (!unlisted.ok()) return notes;
+  for (const std::string& name : *unlisted) {
+    notes.push_back(dir + "/" + name +
+                    ": not in the manifest, so not part of any chain (a backup or prune that "
+                    "is running or did not complete; the next backup or prune removes it)");
   }
-  closedir(stream);
   return notes;
+}
+
+// What `image` must be now: as listed, or, when an interrupted prune already put the
+// merged full in its place, that full image.
+BackupImage Expected(const std::string& dir, const backup::Manifest& manifest,
+                     const BackupImage& image, std::vector<std::string>& notes) {
+  if (!manifest.pending_merge || manifest.pending_merge->file != image.file) return image;
+  const backup::PendingMerge& merge = *manifest.pending_merge;
+  const std::string path = dir + "/" + image.file;
+  if (backup::IsMergedFull(path, merge)) {
+    notes.push_back(path +
+                    ": already the merged full image of an interrupted prune (the images "
+                    "before it in its chain still hold the older points; the next backup or "
+                    "prune completes the prune)");
+    return backup::MergedEntry(image, merge);
+  }
+  notes.push_back(path +
+                  ": an interrupted prune was to replace it by a merged full image (the next "
+                  "backup or prune finishes or undoes that)");
+  return image;
 }
 
 }  // namespace
@@ -148,13 +161,13 @@ Result<VerifyReport> VerifyChain(const std::string& dir) {
   report.dir = dir;
   report.problems = backup::ChainProblems(manifest);
   if (manifest.images.empty()) report.problems.push_back(dir + ": the manifest lists no image");
-  report.notes = UnlistedFiles(dir, manifest);
+  report.notes = UnlistedNotes(dir, manifest);
   // Structure of every image first: a missing or swapped image shows as that, not as the
   // failure to open the images above it.
   std::vector<bool> fit;
   for (const BackupImage& image : manifest.images) {
     VerifiedImage& verified = report.images.emplace_back();
-    verified.image = image;
+    verified.image = Expected(dir, manifest, image, report.notes);
     fit.push_back(CheckStructure(dir + "/" + image.file, verified));
   }
   for (size_t i = 0; i < report.images.size(); ++i) {
