@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
   std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
                                       AddCheckCommand(app), AddCompareCommand(app),
                                       AddMapCommand(app), AddBackupCommand(app),
-                                      AddVerifyCommand(app)};
+                                      AddVerifyCommand(app), AddRestoreCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -9,6 +9,7 @@
 #include <set>
 #include <utility>
 
+#include "backup/check_structure.h"
 #include "backup/image_digest.h"
 #include "backup/manifest.h"
 #include "zqcow/backup.h"
@@ -29,8 +30,10 @@ std::string Named(const Status& status, const std::string& path) {
   return message.find(path) != std::string::npos ? message : path + ": " + message;
 }
 
-// Header, size and check: everything short of reading the data. False when the image is
-// not fit to be read (missing, another size, another backing file, corrupt).
+}  // namespace
+
+namespace backup {
+
 bool CheckStructure(const std::string& path, VerifiedImage& report) {
   const BackupImage& expected = report.image;
   struct stat st {};
@@ -91,6 +94,12 @@ bool CheckStructure(const std::string& path, VerifiedImage& report) {
   }
   return fit;
 }
+
+}  // namespace backup
+
+namespace {
+
+using backup::CheckStructure;
 
 void CheckContent(const std::string& path, VerifiedImage& report) {
   Result<digest::ContentDigest> computed = backup::DigestImageClusters(path);
