@@ -128,6 +128,9 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   if (args.no_create && !raw) {
     return Status::InvalidArgument("-n: only with raw output (zqcow creates qcow2 images itself)");
   }
+  if (raw && !args.create_options.empty()) {
+    return Status::InvalidArgument("-o: creation options do not apply to raw output");
+  }
   options.no_create = args.no_create;
   options.target_is_zero = args.target_is_zero;
   if (!args.sparse_size.empty()) {

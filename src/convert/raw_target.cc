@@ -42,30 +42,15 @@ class FileRawTarget final : public RawTarget {
  public:
   FileRawTarget(std::string target, TargetPaths paths, bool created, std::unique_ptr<io::File> file,
                 int plain_fd, ZeroMode zero_mode, uint64_t virtual_size)
-      : target_(std::move(target)),
+      : RawTarget(std::move(target), virtual_size),
         paths_(std::move(paths)),
         created_(created),
         file_(std::move(file)),
         plain_fd_(plain_fd),
-        zero_mode_(zero_mode),
-        virtual_size_(virtual_size) {}
+        zero_mode_(zero_mode) {}
   ~FileRawTarget() override { (void)CloseIncomplete(); }
 
   size_t write_alignment() const override { return file_ ? file_->alignment() : 1; }
-  ImageInfo Info() const override {
-    ImageInfo info;
-    info.virtual_size = virtual_size_;
-    return info;
-  }
-  uint64_t virtual_size() const override { return virtual_size_; }
-  uint32_t cluster_size() const override { return 0; }
-  Compression compression() const override { return Compression::kZlib; }
-  Status Read(uint64_t, std::span<uint8_t>) override { return Unsupported("read"); }
-  Status WriteCompressed(uint64_t, std::span<const uint8_t>) override {
-    return Unsupported("compressed write");
-  }
-  Status Discard(uint64_t, uint64_t) override { return Unsupported("discard"); }
-  Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported("map"); }
 
   Status Write(uint64_t offset, std::span<const uint8_t> data) override {
     const size_t align = write_alignment();
@@ -132,9 +117,6 @@ class FileRawTarget final : public RawTarget {
   }
 
  private:
-  Status Unsupported(const char* what) const {
-    return Status::NotSupported(target_ + ": raw target: no " + what);
-  }
   std::string ZeroContext(uint64_t offset, uint64_t length) const {
     return file_->path() + ": zeroing " + std::to_string(length) + " bytes at offset " +
            std::to_string(offset) + " failed";
@@ -168,13 +150,11 @@ class FileRawTarget final : public RawTarget {
     return Status::OK();
   }
 
-  const std::string target_;
   const TargetPaths paths_;
   const bool created_;  // a new file at paths_.partial, renamed onto DST by Close
   std::unique_ptr<io::File> file_;
   int plain_fd_;  // buffered descriptor: unaligned tails, fallocate, BLKZEROOUT
   std::atomic<ZeroMode> zero_mode_;
-  const uint64_t virtual_size_;
 };
 
 Status TooSmall(const std::string& target, uint64_t size, uint64_t virtual_size) {

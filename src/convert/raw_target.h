@@ -20,7 +20,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "zqcow/convert.h"
 #include "zqcow/image.h"
@@ -28,11 +31,42 @@
 
 namespace zqcow::convert {
 
+// The Image the pipeline writes (Write, WriteZeroes, Flush, Close, CloseIncomplete); the
+// rest of the Image interface is refused.
 class RawTarget : public Image {
  public:
+  RawTarget(std::string target, uint64_t virtual_size)
+      : target_(std::move(target)), virtual_size_(virtual_size) {}
+
   // Offset and length of Write must be multiples of this, except a write ending at the
   // virtual size (the tail goes through a buffered descriptor).
   virtual size_t write_alignment() const = 0;
+
+  ImageInfo Info() const override {
+    ImageInfo info;
+    info.virtual_size = virtual_size_;
+    return info;
+  }
+  uint64_t virtual_size() const override { return virtual_size_; }
+  uint32_t cluster_size() const override { return 0; }
+  Compression compression() const override { return Compression::kZlib; }
+  Status Read(uint64_t, std::span<uint8_t>) override { return Unsupported("read"); }
+  Status WriteCompressed(uint64_t, std::span<const uint8_t>) override {
+    return Unsupported("compressed write");
+  }
+  Status Discard(uint64_t, uint64_t) override { return Unsupported("discard"); }
+  Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported("map"); }
+
+ protected:
+  const std::string& target() const { return target_; }
+
+ private:
+  Status Unsupported(const char* what) const {
+    return Status::NotSupported(target_ + ": raw target: no " + what);
+  }
+
+  const std::string target_;
+  const uint64_t virtual_size_;
 };
 
 // Opens (or creates) DST for `virtual_size` guest bytes as options say: no_create (-n:

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "convert/nbd_handle.h"
 #include "convert/raw_target.h"
 
 namespace zqcow::convert {
@@ -29,27 +30,13 @@ constexpr uint64_t kZeroPieceBytes = uint64_t{1} << 30;
 // Write requests at most this (below every server's maximum block size we know).
 constexpr uint64_t kWritePieceBytes = uint64_t{4} << 20;
 
-std::string NbdError() {
-  const char* error = nbd_get_error();
-  if (error == nullptr || *error == '\0') return "unknown libnbd error";
-  std::string_view text(error);
-  if (text.starts_with("nbd_")) {
-    const size_t colon = text.find(": ");
-    if (colon != std::string_view::npos) text.remove_prefix(colon + 2);
-  }
-  return std::string(text);
-}
 
-struct HandleCloser {
-  void operator()(nbd_handle* handle) const { nbd_close(handle); }
-};
-using Handle = std::unique_ptr<nbd_handle, HandleCloser>;
 
 Result<Handle> Connect(const std::string& uri) {
   Handle handle(nbd_create());
-  if (!handle) return Status::IOError(uri + ": cannot create an NBD handle: " + NbdError());
+  if (!handle) return Status::IOError(uri + ": cannot create an NBD handle: " + LibnbdError());
   if (nbd_connect_uri(handle.get(), uri.c_str()) == -1) {
-    return Status::IOError(uri + ": cannot connect to the NBD export: " + NbdError(),
+    return Status::IOError(uri + ": cannot connect to the NBD export: " + LibnbdError(),
                            nbd_get_errno());
   }
   return handle;
@@ -59,9 +46,9 @@ class NbdRawTarget final : public RawTarget {
  public:
   NbdRawTarget(std::string uri, std::vector<Handle> handles, uint64_t virtual_size,
                bool write_zeroes, bool zero_nothing)
-      : uri_(std::move(uri)),
+      : RawTarget(uri, virtual_size),
+        uri_(std::move(uri)),
         handles_(std::move(handles)),
-        virtual_size_(virtual_size),
         write_zeroes_(write_zeroes),
         zero_nothing_(zero_nothing) {
     nbd_handle* first = handles_.front().get();
@@ -72,18 +59,6 @@ class NbdRawTarget final : public RawTarget {
   ~NbdRawTarget() override { (void)CloseIncomplete(); }
 
   size_t write_alignment() const override { return 1; }
-  ImageInfo Info() const override {
-    ImageInfo info;
-    info.virtual_size = virtual_size_;
-    return info;
-  }
-  uint64_t virtual_size() const override { return virtual_size_; }
-  uint32_t cluster_size() const override { return 0; }
-  Compression compression() const override { return Compression::kZlib; }
-  Status Read(uint64_t, std::span<uint8_t>) override { return Unsupported(); }
-  Status WriteCompressed(uint64_t, std::span<const uint8_t>) override { return Unsupported(); }
-  Status Discard(uint64_t, uint64_t) override { return Unsupported(); }
-  Result<std::vector<MapExtent>> Map(uint64_t, uint64_t) override { return Unsupported(); }
 
   Status Write(uint64_t offset, std::span<const uint8_t> data) override {
     nbd_handle* handle = Next();
@@ -155,17 +130,15 @@ class NbdRawTarget final : public RawTarget {
   nbd_handle* Next() {
     return handles_[next_.fetch_add(1, std::memory_order_relaxed) % handles_.size()].get();
   }
-  Status Unsupported() const { return Status::NotSupported(uri_ + ": raw NBD target"); }
   Status Failed(const std::string& what) const {
     const int err = nbd_get_errno();
-    const std::string message = uri_ + ": NBD " + what + " failed: " + NbdError();
+    const std::string message = uri_ + ": NBD " + what + " failed: " + LibnbdError();
     if (err == ENOSPC) return Status::NoSpace(message);
     return Status::IOError(message, err);
   }
 
   const std::string uri_;
   std::vector<Handle> handles_;
-  const uint64_t virtual_size_;
   const bool write_zeroes_;  // -S 0: zeros allocated, never holes
   const bool zero_nothing_;  // --target-is-zero
   bool can_zero_ = false;
@@ -185,7 +158,7 @@ Result<std::unique_ptr<RawTarget>> OpenNbdRawTarget(const std::string& uri,
     return Status::InvalidArgument(uri + ": the NBD export is read-only");
   }
   const int64_t size = nbd_get_size(first.get());
-  if (size < 0) return Status::IOError(uri + ": cannot get the export's size: " + NbdError());
+  if (size < 0) return Status::IOError(uri + ": cannot get the export's size: " + LibnbdError());
   if (static_cast<uint64_t>(size) < virtual_size) {
     return Status::InvalidArgument(uri + ": target is too small (" + std::to_string(size) +
                                    " bytes) for the source (" + std::to_string(virtual_size) +
