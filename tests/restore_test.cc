@@ -281,6 +281,29 @@ TEST_F(RestoreTest, ContentNotMatchingTheRecordedDigestIsRefused) {
   EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
+TEST_F(RestoreTest, IncompleteOrMissingImagesOfTheChainAreRefused) {
+  // The dirty bit (incompatible feature bit 0, header byte 79) of the middle image.
+  const std::string middle = backups_ + "/disk-0001-inc.qcow2";
+  std::vector<uint8_t> header = ReadWholeFile(middle);
+  Patch(middle, 79, {static_cast<uint8_t>(header.at(79) | 1)});
+  const std::string out = dir_.File("out");
+  for (int point : {1, 3}) {
+    CommandResult r =
+        Zqcow("restore --point " + std::to_string(point) + " " + Q(backups_) + " " + Q(out));
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_EQ(Lines(r.output), 1u) << r.output;
+    EXPECT_NE(r.output.find(middle + ": marked incomplete"), std::string::npos) << r.output;
+    EXPECT_FALSE(Exists(out));
+  }
+  // Below it the chain is whole.
+  ASSERT_EQ(Zqcow("restore --point 0 " + Q(backups_) + " " + Q(out)).exit_code, 0);
+  ExpectSame(out, 0);
+  ASSERT_EQ(std::remove(middle.c_str()), 0);
+  CommandResult r = Zqcow("restore " + Q(backups_) + " " + Q(dir_.File("out2")));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(middle + ": missing"), std::string::npos) << r.output;
+}
+
 TEST_F(RestoreTest, ConvertToRawFromEveryKindOfSource) {
   const std::string compressed = dir_.File("c.qcow2");
   const std::string plain = dir_.File("p.qcow2");
