@@ -219,10 +219,23 @@ Status CheckRangesDigest(const std::string& source, const std::string& target,
                             options.expected_ranges_digest + ")");
 }
 
-std::vector<convert::ByteRange> DigestRanges(const ConvertOptions& options) {
-  std::vector<convert::ByteRange> ranges;
-  for (const auto& [offset, length] : options.digest_ranges) ranges.push_back({offset, length});
-  return ranges;
+// What both outputs give the pipeline from the options.
+convert::PipelineOptions BasePipelineOptions(const ConvertOptions& options, uint64_t virtual_size,
+                                             const std::string& target_path, bool parallel_reads,
+                                             std::chrono::steady_clock::time_point start_time) {
+  convert::PipelineOptions pipeline;
+  pipeline.cluster_size = options.cluster_size;
+  pipeline.virtual_size = virtual_size;
+  pipeline.out_of_order = options.out_of_order;
+  pipeline.target_path = target_path;
+  pipeline.cancel = options.cancel;
+  pipeline.progress = options.progress;
+  pipeline.workers = WorkerCount(options.workers, parallel_reads);
+  pipeline.start_time = start_time;
+  for (const auto& [offset, length] : options.digest_ranges) {
+    pipeline.digest_ranges.push_back({offset, length});
+  }
+  return pipeline;
 }
 
 // -O raw: the pipeline without compressors, writing a RawTarget.
@@ -241,19 +254,11 @@ Result<ConvertStats> ConvertRaw(const std::string& source, const std::string& ta
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::RawTarget> output,
                       convert::OpenRawTarget(target, options, virtual_size));
 
-  convert::PipelineOptions pipeline_options;
-  pipeline_options.cluster_size = options.cluster_size;
-  pipeline_options.virtual_size = virtual_size;
-  pipeline_options.out_of_order = options.out_of_order;
-  pipeline_options.target_path = target;
-  pipeline_options.cancel = options.cancel;
-  pipeline_options.progress = options.progress;
-  pipeline_options.workers = WorkerCount(options.workers, input->parallel_reads());
-  pipeline_options.start_time = start_time;
+  convert::PipelineOptions pipeline_options = BasePipelineOptions(
+      options, virtual_size, target, input->parallel_reads(), start_time);
   pipeline_options.raw_output = true;
   pipeline_options.sparse_size = options.sparse_size;
   pipeline_options.sparse_step = std::max<uint64_t>(kSectorSize, output->write_alignment());
-  pipeline_options.digest_ranges = DigestRanges(options);
   std::vector<std::unique_ptr<codec::Compressor>> no_compressors(pipeline_options.workers);
   convert::PipelineTotals totals;
   Status status = convert::RunPipeline(*input, *output, pipeline_options,
@@ -341,19 +346,11 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
     input = convert::SkipPresentRanges(std::move(input), std::move(partial.present));
   }
 
-  convert::PipelineOptions pipeline_options;
-  pipeline_options.cluster_size = options.cluster_size;
-  pipeline_options.virtual_size = virtual_size;
-  pipeline_options.out_of_order = options.out_of_order;
-  pipeline_options.target_path = paths.partial;
-  pipeline_options.cancel = options.cancel;
-  pipeline_options.progress = options.progress;
+  convert::PipelineOptions pipeline_options = BasePipelineOptions(
+      options, virtual_size, paths.partial, input->parallel_reads(), start_time);
   pipeline_options.checkpoint_seconds = options.checkpoint_seconds;
-  pipeline_options.workers = WorkerCount(options.workers, input->parallel_reads());
-  pipeline_options.start_time = start_time;
   pipeline_options.previous = previous.get();
   pipeline_options.dirty_bitmap = !options.bitmap.empty();
-  pipeline_options.digest_ranges = DigestRanges(options);
   convert::PipelineTotals totals;
   Status status =
       convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors), &totals);
