@@ -73,7 +73,15 @@ int RunRestore(const RestoreArgs& args) {
 
   Result<RestoreResult> result = Restore(args.dir, args.target, options);
   bar.Finish();
-  if (!result.ok()) return ReportError(result.status());
+  if (!result.ok()) {
+    const int signal_number = CancelSignals::received_signal();
+    if (result.status().code() == Status::Code::kInterrupted && signal_number != 0) {
+      PrintError(fmt::format("interrupted by {}: {} is not complete",
+                             CancelSignals::SignalName(signal_number), args.target));
+      return kExitSignalBase + signal_number;
+    }
+    return ReportError(result.status());
+  }
   const ConvertStats& stats = result->stats;
   if (output == OutputFormat::kJson) {
     PrintJson({{"directory", args.dir},
