@@ -301,7 +301,7 @@ TEST_F(AtomicTargetTest, ResumeIsRefusedWithOtherOptions) {
   for (const std::string& options :
        {std::string("-c -o compression_level=9,cluster_size=128k"),
         std::string("-c -o compression_level=9,compression_type=zstd"),
-        std::string("-c -o compression_level=8"), std::string("-o compression_level=9"),
+        std::string("-c -o compression_level=8"), std::string("-O qcow2 -o compression_level=9"),
         std::string("-c -o compression_level=9,refcount_bits=8")}) {
     SCOPED_TRACE(options);
     CommandResult r = Zqcow("convert " + options + " --resume " + Q(source_) + " " + Q(target_));

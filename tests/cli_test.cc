@@ -122,7 +122,7 @@ TEST_F(CliTest, ConvertResultsPassQemuAndZqcowChecks) {
   const std::vector<std::string> variants = {
       "-c",
       "-c -o compression_type=zstd,compression_level=5",
-      "",
+      "-O qcow2",
       "-c -o cluster_size=4k -o refcount_bits=16 -m 1 --in-order",
       "-c -t none -T none -m 2 -W",
       "-c -t none --no-write-cache",

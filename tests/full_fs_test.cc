@@ -69,9 +69,11 @@ class FullFsTest : public ::testing::Test {
     ASSERT_EQ(mkdir(mount_dir_.c_str(), 0755), 0);
   }
 
-  void ConvertOntoFullFs(const std::string& target, const std::string& cache) {
-    SCOPED_TRACE("-t " + cache);
-    auto r = RunCommand(ShellQuote(testing::ZqcowBinary()) + " convert -c -t " + cache +
+  // `format`: "-c" (compressed qcow2) or "-O raw".
+  void ConvertOntoFullFs(const std::string& target, const std::string& cache,
+                         const std::string& format = "-c") {
+    SCOPED_TRACE("-t " + cache + " " + format);
+    auto r = RunCommand(ShellQuote(testing::ZqcowBinary()) + " convert " + format + " -t " + cache +
                         " --force " + ShellQuote(source_) + " " + ShellQuote(target));
     EXPECT_NE(r.exit_code, 0) << "convert onto a full file system succeeded:\n" << r.output;
     const std::string message = Trim(r.output);
@@ -115,6 +117,23 @@ TEST_F(FullFsTest, LoopExt4DirectAndWriteback) {
   ConvertOntoFullFs(mount.dir() + "/direct.qcow2", "none");
   RunCommand("rm -f " + ShellQuote(mount.dir() + "/direct.qcow2"));
   ConvertOntoFullFs(mount.dir() + "/writeback.qcow2", "writeback");
+}
+
+TEST_F(FullFsTest, RawOutputOntoTmpfsAndLoopExt4) {
+  {
+    Mount mount(mount_dir_);
+    const std::string error = mount.Run("-t tmpfs -o size=8m tmpfs");
+    if (!error.empty()) GTEST_SKIP() << "cannot mount tmpfs: " << error;
+    ConvertOntoFullFs(mount.dir() + "/target.raw", "writeback", "-O raw");
+  }
+  const std::string fs_image = dir_.File("ext4.img");
+  auto mkfs = RunCommand("truncate -s 16M " + ShellQuote(fs_image) + " && mkfs.ext4 -q -F " +
+                         ShellQuote(fs_image));
+  if (mkfs.exit_code != 0) GTEST_SKIP() << "mkfs.ext4 failed: " << Trim(mkfs.output);
+  Mount mount(mount_dir_);
+  const std::string error = mount.Run("-o loop " + ShellQuote(fs_image));
+  if (!error.empty()) GTEST_SKIP() << "cannot loop-mount ext4: " << error;
+  ConvertOntoFullFs(mount.dir() + "/direct.raw", "none", "-O raw");
 }
 
 }  // namespace

@@ -273,7 +273,7 @@ TEST_F(LockTest, ASecondZqcowWriterOfOneTargetFailsAndTheFirstOneFinishes) {
   const std::string target = dir_.File("target.qcow2");
   std::unique_ptr<Child> first = StartSlowConversion(dir_, source, target);
   ASSERT_NE(first, nullptr);
-  CommandResult second = Zqcow("convert --force " + Q(raw_) + " " + Q(target));
+  CommandResult second = Zqcow("convert -O qcow2 --force " + Q(raw_) + " " + Q(target));
   EXPECT_EQ(second.exit_code, 1) << second.output;
   EXPECT_TRUE(Contains(second.output, PartialTargetPath(target) + ": " + kWriteConflict))
       << second.output;

@@ -1,7 +1,7 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// `zqcow convert`: qemu-img convert's compressed-conversion subset, SRC (raw or qcow2) to a
-// new qcow2 image.
+// `zqcow convert`: qemu-img convert's subset, SRC (raw, qcow2 or NBD) to a new qcow2 image
+// (compressed with -c) or to raw (a file, a block device or an NBD export).
 
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -28,7 +28,10 @@ struct ConvertArgs {
   std::string source;
   std::string target;
   std::string source_format;
-  std::string output_format = std::string(kFormatQcow2);
+  std::string output_format;  // -O; "" = raw, or qcow2 with -c (as qemu-img)
+  bool no_create = false;       // -n
+  bool target_is_zero = false;  // --target-is-zero
+  std::string sparse_size;      // -S
   bool compress = false;
   std::vector<std::string> create_options;
   std::string target_cache = "writeback";
@@ -56,7 +59,7 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   nlohmann::json j;
   j["source"] = args.source;
   j["target"] = args.target;
-  j["format"] = kFormatQcow2;
+  j["format"] = options.output_format;
   j["compressed"] = options.compress;
   j["compression_type"] = options.compression == Compression::kZstd ? "zstd" : "zlib";
   j["cluster_size"] = options.cluster_size;
@@ -107,9 +110,42 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   }
   options.source_format = args.source_format;
   options.force_share = args.force_share;
-  if (args.output_format != kFormatQcow2) {
+  // qemu-img writes raw without -O; -c implies qcow2 (raw cannot be compressed).
+  options.output_format = !args.output_format.empty() ? args.output_format
+                          : args.compress             ? std::string(kFormatQcow2)
+                                                      : std::string(kFormatRaw);
+  if (options.output_format != kFormatQcow2 && options.output_format != kFormatRaw) {
     return Status::InvalidArgument(fmt::format(
-        "-O: output format '{}' is not supported (zqcow writes qcow2 only)", args.output_format));
+        "-O: output format '{}' is not supported (raw or qcow2)", args.output_format));
+  }
+  const bool raw = options.output_format == kFormatRaw;
+  if (raw && args.compress) {
+    return Status::InvalidArgument("-c: raw output cannot be compressed (use -O qcow2)");
+  }
+  if (args.target_is_zero && !args.no_create) {
+    return Status::InvalidArgument("--target-is-zero: needs -n (as qemu-img)");
+  }
+  if (args.no_create && !raw) {
+    return Status::InvalidArgument("-n: only with raw output (zqcow creates qcow2 images itself)");
+  }
+  if (raw && !args.create_options.empty()) {
+    return Status::InvalidArgument("-o: creation options do not apply to raw output");
+  }
+  options.no_create = args.no_create;
+  options.target_is_zero = args.target_is_zero;
+  if (!args.sparse_size.empty()) {
+    ZQ_ASSIGN_OR_RETURN(options.sparse_size, ParseSize(args.sparse_size, "-S"));
+    if (options.sparse_size % 512 != 0 || options.sparse_size > (uint64_t{16} << 20)) {
+      return Status::InvalidArgument(
+          fmt::format("-S: invalid minimum zero run '{}' (a multiple of 512 up to 16M; 0 writes "
+                      "every byte)", args.sparse_size));
+    }
+    // qcow2 output: all-zero clusters are always left unallocated; -S is accepted as
+    // qemu-img accepts it, and only -S 0 (write every cluster) cannot be honoured.
+    if (!raw && options.sparse_size == 0) {
+      return Status::InvalidArgument("-S 0: not supported for qcow2 output (zero clusters are "
+                                     "always left unallocated)");
+    }
   }
   options.compress = args.compress;
   if (!args.backing_format.empty() && args.backing_file.empty()) {
@@ -204,9 +240,18 @@ int RunConvert(const ConvertArgs& args) {
 Subcommand AddConvertCommand(CLI::App& parent) {
   auto args = std::make_shared<ConvertArgs>();
   CLI::App* app = parent.add_subcommand(
-      "convert", "Convert SRC (raw or qcow2) into a new qcow2 image DST, like qemu-img convert");
+      "convert",
+      "Convert SRC (raw, qcow2 or NBD) into DST (raw, or a qcow2 image), like qemu-img convert");
   app->add_option("-f", args->source_format, "Source format: raw or qcow2 (default: detect)");
-  app->add_option("-O", args->output_format, "Output format (only qcow2)");
+  app->add_option("-O", args->output_format,
+                  "Output format: raw (the default without -c) or qcow2 (the default with -c)");
+  app->add_flag("-n", args->no_create,
+                "Raw output: DST exists (file, block device, NBD export) and is used as is");
+  app->add_flag("--target-is-zero", args->target_is_zero,
+                "With -n: DST reads as zeros already, zero ranges are not written");
+  app->add_option("-S", args->sparse_size,
+                  "Raw output: zero runs of at least SIZE bytes stay holes (default 4k; "
+                  "0 writes every byte)");
   app->add_flag("-c", args->compress, "Compress the clusters of the target");
   app->add_option("-o", args->create_options,
                   "Creation options key=value[,...]: compression_type=zlib|zstd, "
@@ -266,7 +311,9 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("SRC", args->source,
                   "Source image (raw file, block device, qcow2, or an NBD URI: "
                   "nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)");
-  app->add_option("DST", args->target, "Target qcow2 image");
+  app->add_option("DST", args->target,
+                  "Target: a new file (raw or qcow2), or with raw output a block device or "
+                  "an NBD URI");
   return {app, [args] {
             for (const std::string& arg : args->create_options) {
               if (arg == "help" || arg == "?") {

@@ -52,6 +52,9 @@ const char* CompressionName(Compression compression) {
   return compression == Compression::kZstd ? "zstd" : "zlib";
 }
 
+// A raw file's virtual size as qemu-img reports it: whole 512-byte sectors.
+uint64_t RawVirtualSize(uint64_t length) { return (length + 511) / 512 * 512; }
+
 nlohmann::json InfoJson(const std::string& path, const std::string& format, const FileSizes& sizes,
                         const ImageInfo* info) {
   nlohmann::json j;
@@ -60,7 +63,7 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format, cons
   j["actual-size"] = sizes.allocated;
   j["file-size"] = sizes.length;
   if (info == nullptr) {
-    j["virtual-size"] = sizes.length;
+    j["virtual-size"] = RawVirtualSize(sizes.length);
     j["dirty-flag"] = false;
     return j;
   }
@@ -95,7 +98,7 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format, cons
 
 void PrintHuman(const std::string& path, const std::string& format, const FileSizes& sizes,
                 const ImageInfo* info) {
-  uint64_t virtual_size = info ? info->virtual_size : sizes.length;
+  uint64_t virtual_size = info ? info->virtual_size : RawVirtualSize(sizes.length);
   fmt::print("image: {}\n", path);
   fmt::print("file format: {}\n", format);
   fmt::print("virtual size: {} ({} bytes)\n", HumanSize(virtual_size), virtual_size);

@@ -27,6 +27,7 @@ Subcommand AddMapCommand(CLI::App& parent);
 Subcommand AddBackupCommand(CLI::App& parent);
 Subcommand AddVerifyCommand(CLI::App& parent);
 Subcommand AddPruneCommand(CLI::App& parent);
+Subcommand AddRestoreCommand(CLI::App& parent);
 
 }  // namespace zqcow::cli
 

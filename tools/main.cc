@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
   std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
                                       AddCheckCommand(app), AddCompareCommand(app),
                                       AddMapCommand(app), AddBackupCommand(app),
-                                      AddVerifyCommand(app), AddPruneCommand(app)};
+                                      AddVerifyCommand(app), AddRestoreCommand(app),
+                                      AddPruneCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -94,7 +95,7 @@ int main(int argc, char** argv) {
     }
     if (!any_parsed && argc > 1 && argv[1][0] != '-') {
       PrintError(std::string("unknown subcommand '") + argv[1] +
-                 "' (expected convert, info, check, compare, map, backup, verify or prune; see zqcow --help)");
+                 "' (expected convert, info, check, compare, map, backup, verify, restore or prune; see zqcow --help)");
       return exit_code;
     }
     PrintError(std::string(e.what()) + " (see zqcow --help)");

@@ -164,6 +164,39 @@ struct PruneResult {
 // running on `dir` makes it fail at once with kAlreadyExists). Errors name the file and
 // the cause; on any error the directory still verifies and restores every listed point.
 ZQCOW_EXPORT Result<PruneResult> Prune(const std::string& dir, const PruneOptions& options);
+struct RestoreOptions {
+  // Which restore point: "" = the last image the manifest lists; a sequence number ("3");
+  // or a UTC time, ISO 8601 ("2026-12-02T03:04:05Z", "2026-12-02T03:04", or a date alone,
+  // meaning the end of that day): the latest image whose end_time is at or before it.
+  std::string point;
+  // How to write DST. output_format "raw" (the default here) or "qcow2" (a standalone,
+  // compressed merged full; `compress` is set then). Restore sets source_format,
+  // cluster_size (the image's, for the digest check) and digest_ranges itself.
+  ConvertOptions convert = [] {
+    ConvertOptions options;
+    options.output_format = "raw";
+    options.compress = false;
+    return options;
+  }();
+};
+
+struct RestoreResult {
+  BackupImage image;   // the restore point (its manifest entry)
+  ConvertStats stats;  // of the conversion that wrote DST
+  // The content of the point's own image, as restored, matched the digest recorded when
+  // it was backed up (the images below it are checked by `zqcow verify`).
+  bool digest_checked = false;
+};
+
+// Restores the backup chain of directory `dir` at options.point into `target` (a new file,
+// or with raw output and convert.no_create an existing file, a block device, or an NBD
+// export). Refuses (one line naming the file) a point the manifest does not list, an image
+// of its chain that is missing, incomplete (dirty bit), of another size or backing file
+// than the manifest says, or corrupt. While it writes, the clusters of the point's own
+// image are hashed from the data read; when that digest does not match the manifest's the
+// restore fails with kCorruption (a new file target is not created).
+ZQCOW_EXPORT Result<RestoreResult> Restore(const std::string& dir, const std::string& target,
+                                           const RestoreOptions& options);
 
 }  // namespace zqcow
 

@@ -11,6 +11,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "zqcow/export.h"
 #include "zqcow/image.h"
@@ -49,10 +51,25 @@ struct ConvertStats {
   // from the data read off the source (src/digest/content_digest.h defines it; an
   // integrity check, not a cryptographic hash). Zero clusters are not in it.
   std::string content_digest;
+  // ConvertOptions::digest_ranges: digest of the clusters inside them, zero ones included.
+  std::string ranges_digest;
 };
 
 struct ConvertOptions {
   std::string source_format;  // "raw", "qcow2", or "" to detect (qcow2 magic, else raw)
+  // "qcow2" or "raw" (-O). Raw output writes a regular file (created whole, like a qcow2
+  // target), a block device or an NBD export (nbd://..., nbd+unix://..., written in place);
+  // compression, cluster_size, refcount_bits, backing_file, bitmap and resume do not apply.
+  std::string output_format = "qcow2";
+  // Raw output, as qemu-img's -n: the target exists and is used as is (not created); it
+  // must hold at least the source's virtual size. Ranges reading as zeros are zeroed in it
+  // (holes punched, BLKZEROOUT, NBD write-zeroes) unless `target_is_zero` says it reads as
+  // zeros already (--target-is-zero, needs no_create).
+  bool no_create = false;
+  bool target_is_zero = false;
+  // Raw output, as qemu-img's -S: zero runs of at least this many bytes (a multiple of 512)
+  // are left as holes / zeroed rather than written; 0 writes every byte (fully allocated).
+  uint64_t sparse_size = 4096;
   bool compress = true;       // -c; without it clusters are stored uncompressed
   Compression compression = Compression::kZlib;
   int compression_level = 0;   // 0: the codec's default (0 is no valid level of either codec)
@@ -93,6 +110,13 @@ struct ConvertOptions {
   // Test hook: wraps the target's File (e.g. in a fault injector) before the image uses it
   // (a newly created image only, not one reopened by `resume`).
   std::function<std::unique_ptr<io::File>(std::unique_ptr<io::File>)> wrap_target_file;
+  // Restore's check: guest ranges (offset, length; sorted, disjoint, whole clusters of
+  // `cluster_size`) whose clusters are hashed into ConvertStats::ranges_digest. Only for a
+  // qcow2 source.
+  std::vector<std::pair<uint64_t, uint64_t>> digest_ranges;
+  // When set (and digest_ranges given): the ranges' digest must equal this, else the
+  // conversion fails with kCorruption before a new target file is put in place.
+  std::string expected_ranges_digest;
 };
 
 // Converts `source` into a new qcow2 image at `target`, which only ever appears whole: the

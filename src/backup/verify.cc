@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "backup/backup_files.h"
+#include "backup/check_structure.h"
 #include "backup/image_digest.h"
 #include "backup/manifest.h"
 #include "zqcow/backup.h"
@@ -28,8 +29,10 @@ std::string Named(const Status& status, const std::string& path) {
   return message.find(path) != std::string::npos ? message : path + ": " + message;
 }
 
-// Header, size and check: everything short of reading the data. False when the image is
-// not fit to be read (missing, another size, another backing file, corrupt).
+}  // namespace
+
+namespace backup {
+
 bool CheckStructure(const std::string& path, VerifiedImage& report) {
   const BackupImage& expected = report.image;
   struct stat st {};
@@ -90,6 +93,12 @@ bool CheckStructure(const std::string& path, VerifiedImage& report) {
   }
   return fit;
 }
+
+}  // namespace backup
+
+namespace {
+
+using backup::CheckStructure;
 
 void CheckContent(const std::string& path, VerifiedImage& report) {
   Result<digest::ContentDigest> computed = backup::DigestImageClusters(path);

@@ -23,6 +23,7 @@
 #include "codec/codec.h"
 #include "convert/pipeline.h"
 #include "convert/process_stats.h"
+#include "convert/raw_target.h"
 #include "convert/resume.h"
 #include "convert/source.h"
 #include "convert/target.h"
@@ -171,6 +172,112 @@ uint64_t FileSize(const std::string& path) {
   return stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
 }
 
+// The options raw output refuses (usage mistakes, named as the CLI names them).
+Status CheckRawOptions(const std::string& target, const ConvertOptions& options) {
+  auto refuse = [&](const char* what) {
+    return Status::InvalidArgument(target + ": " + what + " does not apply to raw output");
+  };
+  if (options.compress) return refuse("compression (-c)");
+  if (!options.backing_file.empty()) return refuse("a backing file (-B)");
+  if (!options.bitmap.empty()) return refuse("a dirty bitmap (--bitmap)");
+  if (options.resume) return refuse("--resume");
+  if (options.sparse_size % kSectorSize != 0) {
+    return Status::InvalidArgument(target + ": -S " + std::to_string(options.sparse_size) +
+                                   ": the minimum zero run must be a multiple of 512 (0: none)");
+  }
+  return Status::OK();
+}
+
+void FinishStats(const convert::PipelineTotals& totals, uint64_t virtual_size,
+                 std::chrono::steady_clock::time_point start_time, double start_cpu,
+                 ConvertStats& stats) {
+  stats.virtual_size = virtual_size;
+  stats.bytes_read = totals.bytes_read;
+  stats.compressed_bytes = totals.compressed_bytes;
+  stats.clusters_compressed = totals.clusters_compressed;
+  stats.clusters_uncompressed = totals.clusters_uncompressed;
+  stats.clusters_unchanged = totals.clusters_unchanged;
+  stats.content_digest = totals.content_digest.ToString();
+  stats.ranges_digest = totals.ranges_digest.ToString();
+  stats.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  stats.cpu_seconds = convert::ProcessCpuSeconds() - start_cpu;
+  stats.throughput_mib_s =
+      stats.wall_seconds > 0 ? static_cast<double>(virtual_size) / kBytesPerMiB / stats.wall_seconds
+                             : 0;
+  stats.peak_rss_bytes = convert::PeakRssBytes();
+}
+
+// ConvertOptions::expected_ranges_digest: kCorruption when the ranges read otherwise.
+Status CheckRangesDigest(const std::string& source, const std::string& target,
+                         const ConvertOptions& options, const convert::PipelineTotals& totals) {
+  if (options.expected_ranges_digest.empty()) return Status::OK();
+  const std::string found = totals.ranges_digest.ToString();
+  if (found == options.expected_ranges_digest) return Status::OK();
+  return Status::Corruption(target + ": the content read from " + source +
+                            " does not match its recorded digest (" + found + ", expected " +
+                            options.expected_ranges_digest + ")");
+}
+
+// What both outputs give the pipeline from the options.
+convert::PipelineOptions BasePipelineOptions(const ConvertOptions& options, uint64_t virtual_size,
+                                             const std::string& target_path, bool parallel_reads,
+                                             std::chrono::steady_clock::time_point start_time) {
+  convert::PipelineOptions pipeline;
+  pipeline.cluster_size = options.cluster_size;
+  pipeline.virtual_size = virtual_size;
+  pipeline.out_of_order = options.out_of_order;
+  pipeline.target_path = target_path;
+  pipeline.cancel = options.cancel;
+  pipeline.progress = options.progress;
+  pipeline.workers = WorkerCount(options.workers, parallel_reads);
+  pipeline.start_time = start_time;
+  for (const auto& [offset, length] : options.digest_ranges) {
+    pipeline.digest_ranges.push_back({offset, length});
+  }
+  return pipeline;
+}
+
+// -O raw: the pipeline without compressors, writing a RawTarget.
+Result<ConvertStats> ConvertRaw(const std::string& source, const std::string& target,
+                                const ConvertOptions& options,
+                                std::chrono::steady_clock::time_point start_time,
+                                double start_cpu) {
+  ZQ_RETURN_IF_ERROR(CheckRawOptions(target, options));
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
+                      convert::OpenSource(source, {.format = options.source_format,
+                                                   .direct_io = options.source_direct_io,
+                                                   .force_share = options.force_share,
+                                                   .bitmap = ""}));
+  if (!convert::IsNbdUri(target)) ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
+  const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::RawTarget> output,
+                      convert::OpenRawTarget(target, options, virtual_size));
+
+  convert::PipelineOptions pipeline_options = BasePipelineOptions(
+      options, virtual_size, target, input->parallel_reads(), start_time);
+  pipeline_options.raw_output = true;
+  pipeline_options.sparse_size = options.sparse_size;
+  pipeline_options.sparse_step = std::max<uint64_t>(kSectorSize, output->write_alignment());
+  std::vector<std::unique_ptr<codec::Compressor>> no_compressors(pipeline_options.workers);
+  convert::PipelineTotals totals;
+  Status status = convert::RunPipeline(*input, *output, pipeline_options,
+                                       std::move(no_compressors), &totals);
+  (void)input->Close();
+  if (status.ok()) status = CheckRangesDigest(source, target, options, totals);
+  if (!status.ok()) {
+    (void)output->CloseIncomplete();
+    return status;
+  }
+  ZQ_RETURN_IF_ERROR(output->Close());
+  ConvertStats stats;
+  FinishStats(totals, virtual_size, start_time, start_cpu, stats);
+  stats.zero_bytes_skipped = totals.zero_bytes_skipped;
+  stats.clusters_zero = totals.clusters_zero;
+  if (!convert::IsNbdUri(target)) stats.output_file_size = FileSize(target);
+  return stats;
+}
+
 }  // namespace
 
 Result<ConvertStats> Convert(const std::string& source, const std::string& target,
@@ -187,6 +294,16 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   // -m beyond the CPUs: the extra workers overlap I/O, but they share one compressor per
   // CPU (16 zstd workers with a context each took 1.7 s on 2 CPUs instead of 1.1 s: their
   // tables evicted each other from the caches at every switch).
+  if (options.output_format == "raw") {
+    return ConvertRaw(source, target, options, start_time, start_cpu);
+  }
+  if (options.output_format != "qcow2") {
+    return Status::InvalidArgument(target + ": output format '" + options.output_format +
+                                   "' is not supported (raw or qcow2)");
+  }
+  if (options.no_create || options.target_is_zero) {
+    return Status::InvalidArgument(target + ": -n and --target-is-zero need raw output (-O raw)");
+  }
   const unsigned compressors_wanted = std::min(WorkerCount(options.workers, false), UsableCpus());
   if (!options.bitmap.empty() && options.backing_file.empty()) {
     return Status::InvalidArgument(target + ": a dirty bitmap (" + options.bitmap +
@@ -229,16 +346,9 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
     input = convert::SkipPresentRanges(std::move(input), std::move(partial.present));
   }
 
-  convert::PipelineOptions pipeline_options;
-  pipeline_options.cluster_size = options.cluster_size;
-  pipeline_options.virtual_size = virtual_size;
-  pipeline_options.out_of_order = options.out_of_order;
-  pipeline_options.target_path = paths.partial;
-  pipeline_options.cancel = options.cancel;
-  pipeline_options.progress = options.progress;
+  convert::PipelineOptions pipeline_options = BasePipelineOptions(
+      options, virtual_size, paths.partial, input->parallel_reads(), start_time);
   pipeline_options.checkpoint_seconds = options.checkpoint_seconds;
-  pipeline_options.workers = WorkerCount(options.workers, input->parallel_reads());
-  pipeline_options.start_time = start_time;
   pipeline_options.previous = previous.get();
   pipeline_options.dirty_bitmap = !options.bitmap.empty();
   convert::PipelineTotals totals;
@@ -246,6 +356,14 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
       convert::RunPipeline(*input, *image, pipeline_options, std::move(compressors), &totals);
   (void)input->Close();  // read-only: nothing to lose
   if (previous) (void)previous->Close();
+  if (status.ok()) {
+    status = CheckRangesDigest(source, target, options, totals);
+    if (!status.ok()) {
+      (void)image->CloseIncomplete();
+      (void)DiscardPartialTarget(target);
+      return status;
+    }
+  }
   if (!status.ok()) {
     // The partial image stays, consistent on disk but marked incomplete (for --resume);
     // the pipeline's error is the one to report.
@@ -259,26 +377,13 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   ZQ_RETURN_IF_ERROR(convert::CommitTarget(paths));
 
   ConvertStats stats;
-  stats.virtual_size = virtual_size;
-  stats.bytes_read = totals.bytes_read;
+  FinishStats(totals, virtual_size, start_time, start_cpu, stats);
   // The pipeline counted the ranges it was told to skip as left unallocated.
   stats.zero_bytes_skipped =
       totals.zero_bytes_skipped - std::min(totals.zero_bytes_skipped, resumed_bytes);
-  stats.compressed_bytes = totals.compressed_bytes;
-  stats.clusters_compressed = totals.clusters_compressed;
-  stats.clusters_uncompressed = totals.clusters_uncompressed;
   stats.clusters_zero = totals.clusters_zero - std::min(totals.clusters_zero, resumed_clusters);
-  stats.clusters_unchanged = totals.clusters_unchanged;
-  stats.content_digest = totals.content_digest.ToString();
   stats.resumed_bytes = resumed_bytes;
   stats.output_file_size = FileSize(paths.target);
-  stats.wall_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
-  stats.cpu_seconds = convert::ProcessCpuSeconds() - start_cpu;
-  stats.throughput_mib_s =
-      stats.wall_seconds > 0 ? static_cast<double>(virtual_size) / kBytesPerMiB / stats.wall_seconds
-                             : 0;
-  stats.peak_rss_bytes = convert::PeakRssBytes();
   return stats;
 }
 

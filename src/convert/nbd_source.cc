@@ -20,6 +20,7 @@
 #include <string_view>
 #include <utility>
 
+#include "convert/nbd_handle.h"
 #include "convert/source.h"
 #include "io/aligned_buffer.h"
 
@@ -60,22 +61,6 @@ constexpr size_t kMaxInFlightPerConnection = 16;
 // Block status is asked for at most this many bytes at a time (the NBD length is 32-bit).
 constexpr uint64_t kBlockStatusBytes = uint64_t{1} << 30;
 
-struct HandleCloser {
-  void operator()(nbd_handle* handle) const { nbd_close(handle); }
-};
-using Handle = std::unique_ptr<nbd_handle, HandleCloser>;
-
-// libnbd's last error on this thread, without the leading "nbd_function: ".
-std::string LibnbdError() {
-  const char* error = nbd_get_error();
-  if (error == nullptr || *error == '\0') return "unknown libnbd error";
-  std::string_view text(error);
-  if (text.starts_with("nbd_")) {
-    const size_t colon = text.find(": ");
-    if (colon != std::string_view::npos) text.remove_prefix(colon + 2);
-  }
-  return std::string(text);
-}
 
 // Creates a handle asking for `contexts` when it connects.
 Result<Handle> NewHandle(const std::string& uri, const std::vector<std::string>& contexts) {
@@ -516,6 +501,17 @@ Result<std::unique_ptr<Source>> OpenNbdSource(const std::string& uri,
   return std::unique_ptr<Source>(
       std::make_unique<NbdSource>(uri, std::move(handles), static_cast<uint64_t>(size),
                                   has_allocation, std::move(bitmap_context)));
+}
+
+std::string LibnbdError() {
+  const char* error = nbd_get_error();
+  if (error == nullptr || *error == '\0') return "unknown libnbd error";
+  std::string_view text(error);
+  if (text.starts_with("nbd_")) {
+    const size_t colon = text.find(": ");
+    if (colon != std::string_view::npos) text.remove_prefix(colon + 2);
+  }
+  return std::string(text);
 }
 
 }  // namespace zqcow::convert

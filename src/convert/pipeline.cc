@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -118,6 +119,7 @@ class Pipeline {
         batch_limit_(std::max<size_t>(1, std::min(kReadBatchChunks, pool_.count() / 2))),
         run_clusters_(RunClusters(cluster_size_, pool_.count() * chunk_bytes_, workers_)),
         workers_read_(source.parallel_reads()),
+        raw_(options.raw_output),
         previous_(options.previous),
         previous_size_(previous_ != nullptr ? previous_->virtual_size() : 0) {
     if (shared_compressors_) {
@@ -210,6 +212,10 @@ class Pipeline {
   // clusters are compressed the chunk is released (and may be refilled) before the write.
   Status WriteRun(const RunTask& task, uint64_t run_offset, WorkerState& state);
   Status FlushCompressedBatch(WorkerState& state);
+  // Raw output: writes the run's data and zero stretches (PipelineOptions::raw_output).
+  Status WriteRawRun(const RunTask& task, uint64_t run_offset, WorkerState& state);
+  // Hashes the run's clusters inside options_.digest_ranges into ranges_digest_.
+  void DigestRanges(const RunTask& task, uint64_t run_offset, const WorkerState& state);
   // A task is done with its chunk; the last one releases it.
   void ReleaseTask(Chunk* chunk);
   bool BeginWrite(uint64_t sequence) { return options_.out_of_order || gate_.WaitTurn(sequence); }
@@ -237,6 +243,7 @@ class Pipeline {
   const uint32_t run_clusters_;  // clusters per RunTask at most
   // Workers read clusters themselves (Source::parallel_reads); the reader only plans.
   const bool workers_read_;
+  const bool raw_;  // PipelineOptions::raw_output
   // Incremental mode (PipelineOptions::previous): the backing image, or null.
   Image* const previous_;
   const uint64_t previous_size_;
@@ -266,6 +273,7 @@ class Pipeline {
   // ConvertStats::content_digest: every cluster written with data (compressed or stored),
   // once, from the bytes read; not zero clusters or unallocated ones.
   digest::ConcurrentDigest digest_;
+  digest::ConcurrentDigest ranges_digest_;  // PipelineOptions::digest_ranges
 
   std::atomic<bool> stopped_{false};
   std::mutex error_mutex_;
@@ -337,6 +345,8 @@ Status Pipeline::SkipUnread(uint64_t start, uint64_t end) {
   if (end <= start) return Status::OK();
   if (previous_ == nullptr) {
     AccountZero(start, end);
+    // Raw output: the target makes the range read as zeros (free on a fresh file).
+    if (raw_) return image_.WriteZeroes(start, end - start);
     return Status::OK();
   }
   uint64_t pos = start;
@@ -497,7 +507,7 @@ void Pipeline::DispatchChunk(const PendingChunk& pending) {
          offset += cluster_size_) {
       const uint64_t in_chunk = offset - chunk->guest_offset;
       const auto cluster_index = static_cast<uint32_t>(in_chunk / cluster_size_);
-      if (workers_read_ || previous_ != nullptr) {  // the worker classifies it
+      if (workers_read_ || previous_ != nullptr || raw_) {  // the worker classifies it
         add(cluster_index);
         continue;
       }
@@ -580,6 +590,17 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
       return read;
     }
   }
+  if (raw_ && !task.needs_read) {  // the reader left zero detection to the worker
+    for (uint32_t i = 0; i < task.cluster_count; ++i) {
+      const uint64_t cluster = uint64_t{i} * cluster_size_;
+      if (PadAndCheckZero(run_offset + cluster, chunk->buffer.data() +
+                                                    uint64_t{task.first_cluster} * cluster_size_ +
+                                                    cluster)) {
+        state.outcome[i] = ClusterOutcome::kZero;
+      }
+    }
+  }
+  if (!options_.digest_ranges.empty()) DigestRanges(task, run_offset, state);
   if (previous_ != nullptr) {
     Status classified = ClassifyRun(task, run_offset, state);
     if (!classified.ok()) {
@@ -588,7 +609,8 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
     }
   }
 
-  bool source_needed = false;  // a cluster is stored as is: its bytes must stay until written
+  // A cluster is stored as is (raw output: any, zeros too): its bytes must stay until written.
+  bool source_needed = raw_;
   size_t used = 0;             // bytes of state.compressed filled
   // A shared compressor is held while the run is compressed (and, without reads of the
   // worker's own, while it waits for the run), never while it waits for its write.
@@ -635,7 +657,9 @@ Status Pipeline::ProcessRun(const RunTask& task, WorkerState& state) {
   }
   // Once more before writing: a run is many clusters, and a cancel that came while it was
   // compressed (or waited for its turn) should not write them all.
-  Status status = CancelRequested() ? InterruptedStatus() : WriteRun(task, run_offset, state);
+  Status status = CancelRequested() ? InterruptedStatus()
+                  : raw_              ? WriteRawRun(task, run_offset, state)
+                                      : WriteRun(task, run_offset, state);
   EndWrite();
   if (source_needed) ReleaseTask(chunk);
   return status;
@@ -764,6 +788,64 @@ Status Pipeline::FlushCompressedBatch(WorkerState& state) {
   return Status::OK();
 }
 
+Status Pipeline::WriteRawRun(const RunTask& task, uint64_t run_offset, WorkerState& state) {
+  const uint8_t* base = task.chunk->buffer.data() + uint64_t{task.first_cluster} * cluster_size_;
+  const uint64_t run_end =
+      std::min(run_offset + uint64_t{task.cluster_count} * cluster_size_, options_.virtual_size);
+  const uint64_t sparse = options_.sparse_size;
+  const uint64_t step = std::max<uint64_t>(1, options_.sparse_step);
+  // Pending stretch [start, pos): data (written) or zeros (zeroed when long enough).
+  uint64_t start = run_offset;
+  bool zero = false;
+  auto emit = [&](uint64_t end) -> Status {
+    if (end <= start) return Status::OK();
+    if (zero && sparse > 0 && end - start >= sparse) {
+      return image_.WriteZeroes(start, end - start);
+    }
+    return image_.Write(start, {base + (start - run_offset), end - start});
+  };
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    const uint64_t offset = run_offset + uint64_t{i} * cluster_size_;
+    const uint64_t end = std::min(offset + cluster_size_, run_end);
+    if (offset >= end) break;
+    const bool stored = state.outcome[i] == ClusterOutcome::kStored;
+    if (stored) {
+      clusters_uncompressed_.fetch_add(1, std::memory_order_relaxed);
+      bytes_done_.fetch_add(end - offset, std::memory_order_relaxed);
+    }
+    for (uint64_t pos = offset; pos < end; pos += step) {
+      const uint64_t block_end = std::min(pos + step, end);
+      // Zero clusters are zeros whole; -S 0 looks for nothing inside data.
+      const bool block_zero =
+          !stored || (sparse > 0 && IsAllZero({base + (pos - run_offset), block_end - pos}));
+      if (block_zero != zero) {
+        ZQ_RETURN_IF_ERROR(emit(pos));
+        start = pos;
+        zero = block_zero;
+      }
+    }
+  }
+  return emit(run_end);
+}
+
+void Pipeline::DigestRanges(const RunTask& task, uint64_t run_offset, const WorkerState& state) {
+  const std::vector<ByteRange>& ranges = options_.digest_ranges;
+  const uint8_t* base = task.chunk->buffer.data() + uint64_t{task.first_cluster} * cluster_size_;
+  for (uint32_t i = 0; i < task.cluster_count; ++i) {
+    const uint64_t offset = run_offset + uint64_t{i} * cluster_size_;
+    auto after = std::upper_bound(ranges.begin(), ranges.end(), offset,
+                                  [](uint64_t value, const ByteRange& range) {
+                                    return value < range.offset;
+                                  });
+    if (after == ranges.begin() || std::prev(after)->end() <= offset) continue;
+    const uint64_t index = offset / cluster_size_;
+    ranges_digest_.Add(state.outcome[i] == ClusterOutcome::kZero
+                           ? digest::ZeroClusterHash(index, static_cast<uint32_t>(cluster_size_))
+                           : digest::ClusterHash(index, {base + uint64_t{i} * cluster_size_,
+                                                         cluster_size_}));
+  }
+}
+
 void Pipeline::ReleaseTask(Chunk* chunk) {
   if (chunk->pending_clusters.fetch_sub(1, std::memory_order_acq_rel) == 1) pool_.Release(chunk);
 }
@@ -840,6 +922,7 @@ Status Pipeline::Run(PipelineTotals* totals) {
   totals->clusters_zero = clusters_zero_.load();
   totals->clusters_unchanged = clusters_unchanged_.load();
   totals->content_digest = digest_.value();
+  totals->ranges_digest = ranges_digest_.value();
 
   std::lock_guard lock(error_mutex_);
   if (!first_error_.ok()) return first_error_;

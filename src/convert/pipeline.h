@@ -77,6 +77,18 @@ struct PipelineOptions {
   // REQUIRES: previous->virtual_size() <= virtual_size.
   Image* previous = nullptr;
   bool dirty_bitmap = false;
+  // Raw output (the image is a RawTarget, compressors all null): every guest range reaches
+  // the image, data with Write and zeros with WriteZeroes (the target decides what zeroing
+  // costs: nothing on a fresh file). Inside data clusters, zero stretches of at least
+  // `sparse_size` bytes (checked in steps of `sparse_step`, the target's write alignment)
+  // become WriteZeroes too; sparse_size 0 = no detection (the target writes zeros then).
+  bool raw_output = false;
+  uint64_t sparse_size = 4096;
+  uint64_t sparse_step = 512;
+  // Restore's check: the clusters inside these guest ranges (sorted, disjoint,
+  // cluster-aligned) are hashed into PipelineTotals::ranges_digest, zero ones included.
+  // REQUIRES when not empty: source.parallel_reads() (the workers see every cluster read).
+  std::vector<ByteRange> digest_ranges;
 };
 
 // What the pipeline counted (see ConvertStats for each field's meaning). Every guest
@@ -91,6 +103,7 @@ struct PipelineTotals {
   uint64_t clusters_zero = 0;
   uint64_t clusters_unchanged = 0;  // incremental: clean or equal to the backing chain
   digest::ContentDigest content_digest;  // of the clusters written (compressed or stored)
+  digest::ContentDigest ranges_digest;   // PipelineOptions::digest_ranges
 };
 
 // Converts all of `source` into `image`, on 1 + options.workers threads (one per

@@ -14,6 +14,10 @@
 namespace zqcow::convert {
 
 namespace {
+constexpr uint64_t kRawSectorSize = 512;
+}  // namespace
+
+namespace {
 
 using format::kFormatQcow2;
 using format::kFormatRaw;
@@ -58,7 +62,9 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
       return source;
     }
   }
-  return MakeRawSource(std::move(file), *size);
+  // qemu-img sees a raw file as whole 512-byte sectors: its virtual size rounds up, and
+  // the padding reads as zeros (so a file and its conversion compare without a size note).
+  return MakeRawSource(std::move(file), (*size + kRawSectorSize - 1) / kRawSectorSize * kRawSectorSize);
 }
 
 Result<std::vector<MapExtent>> Source::Map(uint64_t offset, uint64_t length) {
