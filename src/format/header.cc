@@ -107,7 +107,8 @@ Status ParseExtensions(std::span<const uint8_t> bytes, uint64_t start, uint64_t 
 
 }  // namespace
 
-Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
+Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size,
+                           bool refcount_table_may_pass_eof) {
   if (bytes.size() > file_size) bytes = bytes.first(file_size);
   if (bytes.size() < kV2HeaderLength) {
     return Corrupt("file too short for a qcow2 header (" + std::to_string(bytes.size()) +
@@ -233,7 +234,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
                    " is above the limit of " + std::to_string(kMaxRefcountTableBytes) + " bytes");
   }
   ZQ_RETURN_IF_ERROR(CheckTable("refcount_table_offset", h.refcount_table_offset, reftable_bytes,
-                                cluster_size, file_size));
+                                cluster_size,
+                                refcount_table_may_pass_eof ? UINT64_MAX : file_size));
 
   // Snapshot table: only where it lies; its entries are parsed by format/snapshot.h. Every
   // entry is at least kSnapshotEntryHeaderSize bytes, so that much must be in the file.

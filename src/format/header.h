@@ -105,7 +105,10 @@ struct Header {
 // bits and compression type 0. Extensions run from header_length up to the backing file
 // name (or the end of the cluster); an area without an end marker is accepted, as in QEMU.
 // Messages start with "qcow2 header: " and name the field; callers prefix the path.
-Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size);
+// refcount_table_may_pass_eof: accept a refcount table that runs past end of file (the
+// checker reads it as zeros past the end and reports the corruption, as qemu-img check does).
+Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size,
+                           bool refcount_table_may_pass_eof = false);
 
 // The backing format header extension (kExtBackingFormat): the format's name ("qcow2",
 // "raw"), unterminated, as QEMU writes it.
