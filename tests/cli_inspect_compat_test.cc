@@ -1,0 +1,316 @@
+// Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
+//
+// check, info, map and compare as drop-ins for qemu-img's: a table of command lines run
+// through both `qemu-img` and `zqcow` on the same small images, comparing exit codes and
+// stdout (exactly, or JSON key by key and value by value, zqcow's documented extra keys
+// aside). Then the leak repair (-r leaks) against qemu-img's, and the error line of every
+// option zqcow does not support.
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "testing/test_util.h"
+
+namespace zqcow {
+namespace {
+
+using testing::CommandResult;
+using testing::RunCommand;
+using testing::ShellQuote;
+using testing::TempDir;
+using testing::ZqcowBinary;
+
+// JSON keys zqcow prints that qemu-img 7.2 does not (docs/CLI.md): check's "incomplete",
+// "corrupt-flag", "messages"; info's "file-size", "incomplete"; map's "compressed" (which
+// newer QEMU prints too).
+const std::set<std::string> kZqcowOnlyKeys = {"incomplete", "corrupt-flag", "messages",
+                                              "file-size", "compressed"};
+
+// kProgress: the same, after the last progress line (its steps differ: zqcow reports per
+// 1 GiB window, qemu-img per block status extent).
+enum class Match { kExact, kProgress, kJson, kExitOnly };
+
+std::string AfterProgress(const std::string& text) {
+  const size_t cr = text.rfind('\r');
+  return cr == std::string::npos ? text : text.substr(cr + 1);
+}
+
+struct Row {
+  std::string args;  // after the program name; image names relative to the directory
+  Match match;
+};
+
+class InspectCompatTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ASSERT_TRUE(testing::HaveQemu()) << "qemu-img and qemu-io are needed (scripts/setup)";
+    dir_ = new TempDir();
+    const std::vector<std::string> setup = {
+        "qemu-img create -q -f qcow2 base.qcow2 4M",
+        "qemu-io -c 'write -P 1 0 1M' base.qcow2",
+        "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+        "qemu-io -c 'write -P 2 512k 1M' top.qcow2",
+        "qemu-img bitmap --add top.qcow2 b0",
+        "qemu-img convert -O raw top.qcow2 top.raw",
+        "qemu-img convert -O qcow2 base.qcow2 copy.qcow2",
+        "qemu-img create -q -f qcow2 comp.qcow2 4M",
+        "qemu-io -c 'write -c -P 3 0 128k' comp.qcow2",
+        "qemu-img convert -O qcow2 comp.qcow2 uncomp.qcow2",
+        "qemu-img create -q -f qcow2 -o compression_type=zstd zstd.qcow2 1M",
+        "qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M",
+        "qemu-img create -q -f qcow2 empty.qcow2 4M",
+        "qemu-img create -q -f qcow2 big.qcow2 8M",
+        "qemu-img create -q -f qcow2 zero.qcow2 4M",
+        "qemu-io -c 'write -z 0 64k' zero.qcow2",
+        "qemu-img create -q -f qcow2 zerodata.qcow2 4M",
+        "qemu-io -c 'write -P 0 0 64k' zerodata.qcow2",
+        "qemu-img create -q -f qcow2 frag.qcow2 4M",
+        "qemu-io -c 'write -P 4 192k 64k' -c 'write -P 5 0 64k' frag.qcow2",
+        // A leak: the header cluster's refcount raised to 2.
+        "qemu-img create -q -f qcow2 leak.qcow2 4M",
+        "qemu-io -c 'write -P 1 0 256k' leak.qcow2",
+        // The refcount table moved past end of file.
+        "cp base.qcow2 reftable.qcow2",
+    };
+    for (const std::string& command : setup) {
+      CommandResult r = RunCommand("cd " + ShellQuote(dir_->path()) + " && " + command);
+      ASSERT_EQ(r.exit_code, 0) << command << ": " << r.output;
+    }
+    PatchBE(dir_->File("reftable.qcow2"), 48, 8, 100 * 65536);
+    std::vector<uint8_t> leak = testing::ReadWholeFile(dir_->File("leak.qcow2"));
+    const uint64_t table = ReadBE(leak, 48, 8);
+    const uint64_t block = ReadBE(leak, table, 8);
+    PatchBE(dir_->File("leak.qcow2"), block, 2, 2);
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+
+  static uint64_t ReadBE(const std::vector<uint8_t>& bytes, size_t offset, size_t width) {
+    uint64_t value = 0;
+    for (size_t i = 0; i < width; ++i) value = (value << 8) | bytes.at(offset + i);
+    return value;
+  }
+  static void PatchBE(const std::string& path, size_t offset, size_t width, uint64_t value) {
+    std::vector<uint8_t> bytes = testing::ReadWholeFile(path);
+    for (size_t i = 0; i < width; ++i) {
+      bytes.at(offset + width - 1 - i) = static_cast<uint8_t>(value >> (8 * i));
+    }
+    testing::WriteWholeFile(path, bytes);
+  }
+
+  // Runs `program args` in the image directory; stdout only (stderr dropped).
+  static CommandResult Run(const std::string& program, const std::string& args) {
+    return RunCommand("cd " + ShellQuote(dir_->path()) + " && " + program + " " + args +
+                      " 2>/dev/null");
+  }
+  static CommandResult RunWithStderr(const std::string& program, const std::string& args) {
+    return RunCommand("cd " + ShellQuote(dir_->path()) + " && " + program + " " + args);
+  }
+
+  static TempDir* dir_;
+};
+TempDir* InspectCompatTest::dir_ = nullptr;
+
+// Every key and value qemu-img prints must be in zqcow's output, equal; zqcow may add only
+// kZqcowOnlyKeys.
+void ExpectJsonMatches(const nlohmann::json& qemu, const nlohmann::json& ours,
+                       const std::string& where) {
+  if (qemu.is_object()) {
+    ASSERT_TRUE(ours.is_object()) << where;
+    for (const auto& [key, value] : qemu.items()) {
+      ASSERT_TRUE(ours.contains(key)) << where << ": zqcow lacks key " << key;
+      ExpectJsonMatches(value, ours[key], where + "." + key);
+    }
+    for (const auto& [key, value] : ours.items()) {
+      EXPECT_TRUE(qemu.contains(key) || kZqcowOnlyKeys.count(key) != 0)
+          << where << ": zqcow adds key " << key;
+    }
+  } else if (qemu.is_array()) {
+    ASSERT_TRUE(ours.is_array()) << where;
+    ASSERT_EQ(qemu.size(), ours.size()) << where << "\nqemu: " << qemu << "\nzqcow: " << ours;
+    for (size_t i = 0; i < qemu.size(); ++i) {
+      ExpectJsonMatches(qemu[i], ours[i], where + "[" + std::to_string(i) + "]");
+    }
+  } else {
+    EXPECT_EQ(qemu, ours) << where;
+  }
+}
+
+TEST_F(InspectCompatTest, SameCommandLinesGiveTheSameResults) {
+  const std::vector<Row> rows = {
+      // check
+      {"check top.qcow2", Match::kExact},  // persistent bitmaps: clean, no false leaks
+      {"check --output=json top.qcow2", Match::kJson},
+      {"check comp.qcow2", Match::kExact},  // fragmented (compressed) clusters
+      {"check --output=json comp.qcow2", Match::kJson},
+      {"check frag.qcow2", Match::kExact},
+      {"check --output=json frag.qcow2", Match::kJson},
+      {"check empty.qcow2", Match::kExact},
+      {"check --output=json empty.qcow2", Match::kJson},
+      {"check leak.qcow2", Match::kExact},
+      {"check --output=json leak.qcow2", Match::kJson},
+      {"check -q leak.qcow2", Match::kExact},
+      {"check -q --output=json leak.qcow2", Match::kExact},
+      {"check -U top.qcow2", Match::kExact},
+      {"check reftable.qcow2", Match::kExact},  // exit 2
+      {"check --output=json reftable.qcow2", Match::kJson},
+      {"check -f qcow2 v2.qcow2", Match::kExact},
+      {"check missing.qcow2", Match::kExitOnly},
+      // info
+      {"info top.qcow2", Match::kExact},
+      {"info --output=json top.qcow2", Match::kJson},
+      {"info --backing-chain top.qcow2", Match::kExact},
+      {"info --backing-chain --output=json top.qcow2", Match::kJson},
+      {"info -U --output=json base.qcow2", Match::kJson},
+      {"info --output=json comp.qcow2", Match::kJson},
+      {"info --output=json zstd.qcow2", Match::kJson},
+      {"info zstd.qcow2", Match::kExact},
+      {"info --output=json v2.qcow2", Match::kJson},
+      {"info v2.qcow2", Match::kExact},
+      {"info --output=json top.raw", Match::kJson},
+      {"info missing.qcow2", Match::kExitOnly},
+      // map
+      {"map top.qcow2", Match::kExact},
+      {"map --output=json top.qcow2", Match::kJson},
+      {"map --start-offset=600k --max-length=1M top.qcow2", Match::kExact},
+      {"map --output=json --start-offset=600k --max-length=1M top.qcow2", Match::kJson},
+      {"map --output=json --start-offset=5M top.qcow2", Match::kJson},
+      {"map --output=json --max-length=100000 top.qcow2", Match::kJson},
+      {"map --output=json comp.qcow2", Match::kJson},
+      {"map --output=json zero.qcow2", Match::kJson},
+      {"map top.raw", Match::kExact},
+      {"map --output=json top.raw", Match::kJson},
+      // compare
+      {"compare base.qcow2 copy.qcow2", Match::kExact},
+      {"compare -s base.qcow2 copy.qcow2", Match::kExact},
+      {"compare zero.qcow2 empty.qcow2", Match::kExact},
+      {"compare -s zero.qcow2 empty.qcow2", Match::kExact},    // zero != unallocated
+      {"compare -s zero.qcow2 zerodata.qcow2", Match::kExact}, // zero != zero data
+      {"compare top.qcow2 base.qcow2", Match::kExact},
+      {"compare -s top.qcow2 base.qcow2", Match::kExact},
+      {"compare big.qcow2 empty.qcow2", Match::kExact},
+      {"compare -s big.qcow2 empty.qcow2", Match::kExact},  // size mismatch
+      {"compare -q top.qcow2 base.qcow2", Match::kExact},
+      {"compare -q base.qcow2 copy.qcow2", Match::kExact},
+      {"compare top.raw top.qcow2", Match::kExact},
+      {"compare -s top.raw top.qcow2", Match::kExact},
+      {"compare -s comp.qcow2 uncomp.qcow2", Match::kExact},  // compressed != normal
+      {"compare -p top.raw top.qcow2", Match::kProgress},
+      {"compare -f raw -F qcow2 top.raw top.qcow2", Match::kExact},
+      {"compare -s -f raw -F raw top.raw top.raw", Match::kExact},
+      {"compare top.qcow2 missing.qcow2", Match::kExitOnly},
+  };
+  for (const Row& row : rows) {
+    SCOPED_TRACE(row.args);
+    CommandResult qemu = Run("qemu-img", row.args);
+    CommandResult ours = Run(ZqcowBinary(), row.args);
+    EXPECT_EQ(qemu.exit_code, ours.exit_code) << "qemu-img: " << qemu.output
+                                              << "\nzqcow: " << ours.output;
+    switch (row.match) {
+      case Match::kExact:
+        EXPECT_EQ(qemu.output, ours.output);
+        break;
+      case Match::kProgress:
+        EXPECT_EQ(AfterProgress(qemu.output), AfterProgress(ours.output));
+        EXPECT_EQ(ours.output.rfind("    (0.00/100%)\r", 0), 0u) << ours.output;
+        break;
+      case Match::kJson: {
+        auto q = nlohmann::json::parse(qemu.output, nullptr, false);
+        auto z = nlohmann::json::parse(ours.output, nullptr, false);
+        ASSERT_FALSE(q.is_discarded()) << qemu.output;
+        ASSERT_FALSE(z.is_discarded()) << ours.output;
+        // "actual-size" is the file's allocation, which the two reads see alike; keep it.
+        ExpectJsonMatches(q, z, row.args);
+        break;
+      }
+      case Match::kExitOnly:
+        EXPECT_NE(ours.exit_code, 0);
+        break;
+    }
+  }
+}
+
+TEST_F(InspectCompatTest, RepairLeaksLikeQemuImg) {
+  for (const std::string& output : {std::string(), std::string("--output=json ")}) {
+    SCOPED_TRACE(output);
+    ASSERT_EQ(RunCommand("cd " + ShellQuote(dir_->path()) +
+                         " && cp leak.qcow2 q.qcow2 && cp leak.qcow2 z.qcow2")
+                  .exit_code,
+              0);
+    CommandResult qemu = Run("qemu-img", "check -r leaks " + output + "q.qcow2");
+    CommandResult ours = Run(ZqcowBinary(), "check -r leaks " + output + "z.qcow2");
+    EXPECT_EQ(qemu.exit_code, 0) << qemu.output;
+    EXPECT_EQ(ours.exit_code, 0) << ours.output;
+    if (output.empty()) {
+      EXPECT_EQ(qemu.output, ours.output);
+    } else {
+      auto q = nlohmann::json::parse(qemu.output);
+      auto z = nlohmann::json::parse(ours.output);
+      q.erase("filename");
+      z.erase("filename");
+      ExpectJsonMatches(q, z, "check -r leaks --output=json");
+    }
+    // The repaired image is clean for qemu-img and byte-identical to QEMU's repair.
+    EXPECT_EQ(testing::QemuImgCheck(dir_->File("z.qcow2")).exit_code, 0);
+    EXPECT_EQ(testing::ReadWholeFile(dir_->File("z.qcow2")),
+              testing::ReadWholeFile(dir_->File("q.qcow2")));
+  }
+}
+
+TEST_F(InspectCompatTest, RepairRefusesImagesWithCorruption) {
+  ASSERT_EQ(RunCommand("cd " + ShellQuote(dir_->path()) + " && cp reftable.qcow2 r.qcow2")
+                .exit_code,
+            0);
+  const std::vector<uint8_t> before = testing::ReadWholeFile(dir_->File("r.qcow2"));
+  CommandResult r = RunWithStderr(ZqcowBinary(), "check -r leaks r.qcow2");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(testing::ReadWholeFile(dir_->File("r.qcow2")), before) << "nothing written";
+}
+
+TEST_F(InspectCompatTest, RepairTakesTheWriteLock) {
+  // A qemu-io holding the image open for writing (it waits on its stdin) locks zqcow out.
+  const std::string image = dir_->File("locked.qcow2");
+  ASSERT_EQ(RunCommand("cp " + ShellQuote(dir_->File("leak.qcow2")) + " " + ShellQuote(image))
+                .exit_code,
+            0);
+  CommandResult r = RunCommand("(sleep 3 | qemu-io " + ShellQuote(image) + " >/dev/null 2>&1 &); "
+                               "sleep 1; " + ZqcowBinary() + " check -r leaks " +
+                               ShellQuote(image) + "; echo rc=$?; wait");
+  EXPECT_NE(r.output.find("rc=1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("lock"), std::string::npos) << r.output;
+}
+
+TEST_F(InspectCompatTest, UnsupportedOptionsAreNamed) {
+  struct Refusal {
+    std::string args;
+    std::string named;  // what the error line must name
+  };
+  const std::vector<Refusal> refusals = {
+      {"check -r all leak.qcow2", "-r all"},
+      {"check --image-opts leak.qcow2", "--image-opts"},
+      {"check -T none leak.qcow2", "-T"},
+      {"check --object secret,id=s0,data=x leak.qcow2", "--object"},
+      {"info --image-opts top.qcow2", "--image-opts"},
+      {"info --object secret,id=s0,data=x top.qcow2", "--object"},
+      {"map --image-opts top.qcow2", "--image-opts"},
+      {"map --object secret,id=s0,data=x top.qcow2", "--object"},
+      {"compare --image-opts base.qcow2 copy.qcow2", "--image-opts"},
+      {"compare -T none base.qcow2 copy.qcow2", "-T"},
+      {"compare --object secret,id=s0,data=x base.qcow2 copy.qcow2", "--object"},
+  };
+  for (const Refusal& refusal : refusals) {
+    SCOPED_TRACE(refusal.args);
+    CommandResult r = RunWithStderr(ZqcowBinary(), refusal.args);
+    EXPECT_NE(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find(refusal.named), std::string::npos) << r.output;
+  }
+}
+
+}  // namespace
+}  // namespace zqcow
