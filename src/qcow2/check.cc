@@ -86,7 +86,7 @@ class Checker {
   Checker(io::File* file, const format::Header& header, uint64_t file_size)
       : file_(file),
         header_(header),
-        geometry_{header.cluster_bits},
+        geometry_(header.geometry()),
         refcount_geometry_{header.cluster_bits, header.refcount_order},
         cluster_size_(geometry_.cluster_size()),
         file_size_(file_size),
@@ -261,8 +261,15 @@ class Checker {
       if (l2_offset >= file_size_) continue;  // reads as zeros: no entries
       ZQ_RETURN_IF_ERROR(ReadExact(file_, l2_offset, l2.data(), l2.size()));
       next_contiguous_ = 0;
+      const uint64_t entry_bytes = geometry_.l2_entry_bytes();
       for (uint64_t j = 0; j < geometry_.l2_entries(); ++j) {
-        CheckL2Entry(format::LoadBE64(&l2[j * 8]), times, active);
+        const uint64_t raw = format::LoadBE64(&l2[j * entry_bytes]);
+        if (geometry_.extended_l2) {
+          const uint64_t bitmap = format::LoadBE64(&l2[j * entry_bytes + 8]);
+          auto extended = format::DecodeExtendedL2Entry(raw, bitmap, geometry_);
+          if (!extended.ok()) Corruption("ERROR " + extended.status().message());
+        }
+        CheckL2Entry(raw, times, active);
       }
     }
     return Status::OK();
