@@ -342,6 +342,24 @@ TEST_F(InspectCompatTest, RepairLeaksLikeQemuImg) {
   }
 }
 
+TEST_F(InspectCompatTest, RepairKeepsPersistentBitmaps) {
+  // top.qcow2 carries bitmap b0; a leak added to it (the header cluster's refcount raised).
+  const std::string image = dir_->File("bitmap-leak.qcow2");
+  ASSERT_EQ(RunCommand("cp " + ShellQuote(dir_->File("top.qcow2")) + " " + ShellQuote(image))
+                .exit_code,
+            0);
+  std::vector<uint8_t> bytes = testing::ReadWholeFile(image);
+  const uint64_t block = ReadBE(bytes, ReadBE(bytes, 48, 8), 8);
+  PatchBE(image, block, 2, 2);
+  EXPECT_EQ(testing::QemuImgCheck(image).exit_code, 3);
+  CommandResult r = Run(ZqcowBinary(), "check -r leaks bitmap-leak.qcow2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  // Clean for qemu-img: the bitmap's clusters were not taken for leaks.
+  EXPECT_EQ(testing::QemuImgCheck(image).exit_code, 0);
+  CommandResult info = Run("qemu-img", "info --output=json bitmap-leak.qcow2");
+  EXPECT_NE(info.output.find("\"b0\""), std::string::npos) << info.output;
+}
+
 TEST_F(InspectCompatTest, RepairRefusesImagesWithCorruption) {
   ASSERT_EQ(RunCommand("cd " + ShellQuote(dir_->path()) + " && cp reftable.qcow2 r.qcow2")
                 .exit_code,
