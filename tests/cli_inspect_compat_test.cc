@@ -371,16 +371,25 @@ TEST_F(InspectCompatTest, RepairRefusesImagesWithCorruption) {
 }
 
 TEST_F(InspectCompatTest, RepairTakesTheWriteLock) {
-  // A qemu-io holding the image open for writing (it waits on its stdin) locks zqcow out.
+  // A qemu-io holding the image open for writing (it reads commands from a FIFO this shell
+  // keeps open) locks zqcow out; closing the FIFO ends it.
   const std::string image = dir_->File("locked.qcow2");
+  const std::string fifo = dir_->File("qemu-io.fifo");
   ASSERT_EQ(RunCommand("cp " + ShellQuote(dir_->File("leak.qcow2")) + " " + ShellQuote(image))
                 .exit_code,
             0);
-  CommandResult r = RunCommand("(sleep 3 | qemu-io " + ShellQuote(image) + " >/dev/null 2>&1 &); "
-                               "sleep 1; " + ZqcowBinary() + " check -r leaks " +
-                               ShellQuote(image) + "; echo rc=$?; wait");
+  const std::string script =
+      "mkfifo " + ShellQuote(fifo) + " && (qemu-io " + ShellQuote(image) + " <" +
+      ShellQuote(fifo) + " >/dev/null 2>&1 &) && exec 3>" + ShellQuote(fifo) +
+      // Wait until qemu-io holds the image (qemu-img info then fails on the lock).
+      " && i=0; while qemu-img info " + ShellQuote(image) +
+      " >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; " + ZqcowBinary() +
+      " check -r leaks " + ShellQuote(image) + "; echo rc=$?; exec 3>&-";
+  CommandResult r = RunCommand(script);
   EXPECT_NE(r.output.find("rc=1"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("lock"), std::string::npos) << r.output;
+  // Nothing was written: QEMU still finds the leak.
+  EXPECT_EQ(testing::QemuImgCheck(image).exit_code, 3);
 }
 
 TEST_F(InspectCompatTest, UnsupportedOptionsAreNamed) {

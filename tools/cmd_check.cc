@@ -140,7 +140,13 @@ int RunCheck(const CheckArgs& args) {
   uint64_t leaks_fixed = 0;
   if (!args.repair.empty() && result->leaks > 0) {
     if (result->corruptions > 0) {
-      if (!args.quiet && *output == OutputFormat::kHuman) PrintHuman(*result);
+      if (!args.quiet) {
+        if (*output == OutputFormat::kJson) {
+          PrintJson(CheckJson(args.path, *result, 0));
+        } else {
+          PrintHuman(*result);
+        }
+      }
       PrintError(fmt::format(
           "{}: {} corruption(s) found; -r leaks repairs leaks only on an image without "
           "other errors (nothing was written)",
