@@ -415,7 +415,7 @@ TEST_F(CliTest, CheckFindsCorruptionLeaksAndIncompleteImages) {
   EXPECT_EQ(leak_json.exit_code, 3);
   auto j = ParseJson(leak_json.output);
   EXPECT_EQ(j["leaks"], 1);
-  EXPECT_EQ(j["corruptions"], 0);
+  EXPECT_FALSE(j.contains("corruptions")) << "qemu-img omits counters that are 0";
 
   // Dirty bit: an interrupted write.
   auto dirty = clean;

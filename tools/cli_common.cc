@@ -289,4 +289,11 @@ void ProgressBar::Finish() {
   }
 }
 
+std::string FullBackingName(const std::string& image, const std::string& backing) {
+  if (backing.empty() || backing[0] == '/') return backing;
+  const size_t slash = image.rfind('/');
+  if (slash == std::string::npos) return backing;
+  return image.substr(0, slash + 1) + backing;
+}
+
 }  // namespace zqcow::cli

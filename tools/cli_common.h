@@ -51,6 +51,10 @@ Result<uint64_t> ParseSize(std::string_view text, std::string_view what);
 // Parses a decimal integer (optionally negative). `what` names it in the error message.
 Result<int64_t> ParseInteger(std::string_view text, std::string_view what);
 
+// qemu-img's full-backing-filename: a relative backing file name is relative to the
+// directory of the image as named (`image`); an absolute one is itself.
+std::string FullBackingName(const std::string& image, const std::string& backing);
+
 // Image formats the CLI reads. Detection is qemu-img's (src/format/probe.h): DetectFormat
 // returns whatever qemu-img would call the file ("qcow2", "raw", "vmdk", "vdi", ...).
 inline constexpr std::string_view kFormatRaw = "raw";

@@ -2,6 +2,7 @@
 //
 // `zqcow info IMG`: like qemu-img info. JSON keys follow qemu-img info --output=json
 // ("virtual-size", "cluster-size", "format-specific"...), plus "file-size" and "incomplete".
+// --backing-chain: every image of the chain, the image first (JSON: an array).
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -11,7 +12,9 @@
 #include <cerrno>
 #include <ctime>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -28,6 +31,7 @@ struct InfoArgs {
   std::string format;
   std::string output = "human";
   bool force_share = false;  // -U
+  bool backing_chain = false;
 };
 
 struct FileSizes {
@@ -54,6 +58,12 @@ const char* CompressionName(Compression compression) {
 
 // A raw file's virtual size as qemu-img reports it: whole 512-byte sectors.
 uint64_t RawVirtualSize(uint64_t length) { return (length + 511) / 512 * 512; }
+std::vector<std::string> BitmapFlags(const BitmapSummary& bitmap) {
+  std::vector<std::string> flags;
+  if (bitmap.in_use) flags.push_back("in-use");
+  if (bitmap.auto_enabled) flags.push_back("auto");
+  return flags;
+}
 
 nlohmann::json InfoJson(const std::string& path, const std::string& format, const FileSizes& sizes,
                         const ImageInfo* info) {
@@ -71,7 +81,10 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format, cons
   j["cluster-size"] = info->cluster_size;
   j["dirty-flag"] = info->dirty;
   j["incomplete"] = info->dirty;
-  if (!info->backing_file.empty()) j["backing-filename"] = info->backing_file;
+  if (!info->backing_file.empty()) {
+    j["backing-filename"] = info->backing_file;
+    j["full-backing-filename"] = FullBackingName(path, info->backing_file);
+  }
   if (!info->backing_format.empty()) j["backing-filename-format"] = info->backing_format;
   if (!info->snapshots.empty()) {
     nlohmann::json list = nlohmann::json::array();
@@ -91,7 +104,20 @@ nlohmann::json InfoJson(const std::string& path, const std::string& format, cons
   data["compat"] = info->version >= 3 ? "1.1" : "0.10";
   data["compression-type"] = CompressionName(info->compression);
   data["refcount-bits"] = info->refcount_bits;
-  data["corrupt"] = info->corrupt;
+  if (info->version >= 3) {  // as qemu-img: version 2 images have none of these
+    data["lazy-refcounts"] = info->lazy_refcounts;
+    if (!info->bitmaps.empty()) {
+      nlohmann::json bitmaps = nlohmann::json::array();
+      for (const BitmapSummary& bitmap : info->bitmaps) {
+        bitmaps.push_back({{"name", bitmap.name},
+                           {"granularity", bitmap.granularity},
+                           {"flags", BitmapFlags(bitmap)}});
+      }
+      data["bitmaps"] = std::move(bitmaps);
+    }
+    data["corrupt"] = info->corrupt;
+    data["extended-l2"] = info->extended_l2;
+  }
   j["format-specific"] = {{"type", "qcow2"}, {"data", data}};
   return j;
 }
@@ -130,12 +156,28 @@ void PrintHuman(const std::string& path, const std::string& format, const FileSi
   fmt::print("Format specific information:\n");
   fmt::print("    compat: {}\n", info->version >= 3 ? "1.1" : "0.10");
   fmt::print("    compression type: {}\n", CompressionName(info->compression));
+  if (info->version >= 3) fmt::print("    lazy refcounts: {}\n", info->lazy_refcounts);
+  if (!info->bitmaps.empty()) {
+    fmt::print("    bitmaps:\n");
+    for (size_t i = 0; i < info->bitmaps.size(); ++i) {
+      const BitmapSummary& bitmap = info->bitmaps[i];
+      fmt::print("        [{}]:\n            flags:\n", i);
+      const std::vector<std::string> flags = BitmapFlags(bitmap);
+      for (size_t f = 0; f < flags.size(); ++f) {
+        fmt::print("                [{}]: {}\n", f, flags[f]);
+      }
+      fmt::print("            name: {}\n            granularity: {}\n", bitmap.name,
+                 bitmap.granularity);
+    }
+  }
   fmt::print("    refcount bits: {}\n", info->refcount_bits);
-  fmt::print("    corrupt: {}\n", info->corrupt);
+  if (info->version >= 3) {
+    fmt::print("    corrupt: {}\n", info->corrupt);
+    fmt::print("    extended l2: {}\n", info->extended_l2);
+  }
+  // qemu-img prints no dirty flag line; zqcow adds one when the image is incomplete.
   if (info->dirty) {
     fmt::print("dirty flag: true (incomplete: the last write to the image was interrupted)\n");
-  } else {
-    fmt::print("dirty flag: false\n");
   }
 }
 
@@ -156,25 +198,72 @@ int RunNbdInfo(const InfoArgs& args, OutputFormat output) {
   return kExitOk;
 }
 
+// One image of the output: its name, format, sizes and (qcow2) header information.
+struct ImageReport {
+  std::string path;
+  std::string format;
+  FileSizes sizes;
+  std::optional<ImageInfo> info;
+};
+
+Result<ImageReport> ReadReport(const std::string& path, const std::string& requested_format,
+                               bool force_share) {
+  ImageReport report;
+  report.path = path;
+  ZQ_ASSIGN_OR_RETURN(report.format, ResolveFormat(path, requested_format));
+  ZQ_ASSIGN_OR_RETURN(report.sizes, StatFile(path));
+  if (report.format == kFormatQcow2) {
+    ZQ_ASSIGN_OR_RETURN(report.info, ReadImageInfo(path, force_share));
+  }
+  return report;
+}
+
+// The image and, with --backing-chain, its backing files down the chain (at most
+// kMaxChainLength, a loop is an error).
+constexpr size_t kMaxChainLength = 64;
+Result<std::vector<ImageReport>> ReadChain(const InfoArgs& args) {
+  std::vector<ImageReport> chain;
+  std::string path = args.path;
+  std::string format = args.format;
+  while (true) {
+    ZQ_ASSIGN_OR_RETURN(ImageReport report, ReadReport(path, format, args.force_share));
+    chain.push_back(std::move(report));
+    const ImageReport& last = chain.back();
+    if (!args.backing_chain || !last.info || last.info->backing_file.empty()) break;
+    if (chain.size() >= kMaxChainLength) {
+      return Status::InvalidArgument(args.path + ": backing chain longer than " +
+                                     std::to_string(kMaxChainLength) + " images (a loop?)");
+    }
+    path = FullBackingName(last.path, last.info->backing_file);
+    format = last.info->backing_format;
+  }
+  return chain;
+}
+
 int RunInfo(const InfoArgs& args) {
   auto output = ParseOutputFormat(args.output);
   if (!output.ok()) return ReportError(output.status());
   if (convert::IsNbdUri(args.path)) return RunNbdInfo(args, *output);
-  auto format = ResolveFormat(args.path, args.format);
-  if (!format.ok()) return ReportError(format.status());
-  auto sizes = StatFile(args.path);
-  if (!sizes.ok()) return ReportError(sizes.status());
-  std::optional<ImageInfo> info;
-  if (*format == kFormatQcow2) {
-    auto read = ReadImageInfo(args.path, args.force_share);
-    if (!read.ok()) return ReportError(read.status());
-    info = std::move(read).value();
-  }
-  const ImageInfo* info_ptr = info ? &*info : nullptr;
+  auto chain = ReadChain(args);
+  if (!chain.ok()) return ReportError(chain.status());
+  auto info_of = [](const ImageReport& r) { return r.info ? &*r.info : nullptr; };
   if (*output == OutputFormat::kJson) {
-    PrintJson(InfoJson(args.path, *format, *sizes, info_ptr));
+    if (!args.backing_chain) {
+      const ImageReport& r = chain->front();
+      PrintJson(InfoJson(r.path, r.format, r.sizes, info_of(r)));
+    } else {
+      nlohmann::json list = nlohmann::json::array();
+      for (const ImageReport& r : *chain) {
+        list.push_back(InfoJson(r.path, r.format, r.sizes, info_of(r)));
+      }
+      PrintJson(list);
+    }
   } else {
-    PrintHuman(args.path, *format, *sizes, info_ptr);
+    for (size_t i = 0; i < chain->size(); ++i) {
+      const ImageReport& r = (*chain)[i];
+      if (i > 0) fmt::print("\n");
+      PrintHuman(r.path, r.format, r.sizes, info_of(r));
+    }
   }
   return kExitOk;
 }
@@ -187,6 +276,8 @@ Subcommand AddInfoCommand(CLI::App& parent) {
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
   app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
+  app->add_flag("--backing-chain", args->backing_chain,
+                "Show the image and every image of its backing chain");
   app->add_option("IMG", args->path, "The image (a file or an NBD URI)")->required();
   return {app, [args] { return RunInfo(*args); }};
 }

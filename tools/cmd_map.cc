@@ -3,6 +3,8 @@
 // `zqcow map IMG`: like qemu-img map. JSON: a list of {start, length, depth, present, zero,
 // data, compressed[, offset]}; "offset" is given for uncompressed data (and raw files), not
 // for compressed clusters, whose data is not a linear mapping (qemu-img omits it too).
+// --start-offset / --max-length limit the range mapped, as in qemu-img. The human form names
+// the file of the backing chain that holds each extent, as qemu-img does.
 
 #include <fmt/format.h>
 
@@ -14,6 +16,7 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "guest_source.h"
+#include "zqcow/image.h"
 
 namespace zqcow::cli {
 namespace {
@@ -27,6 +30,8 @@ struct MapArgs {
   std::string output = "human";
   bool force_share = false;  // -U
   std::string bitmap;  // --bitmap: list the ranges this dirty bitmap marks instead
+  std::string start_offset;  // --start-offset
+  std::string max_length;    // --max-length
 };
 
 struct MapEntry {
@@ -79,11 +84,11 @@ MapEntry ToEntry(const MapExtent& extent, bool raw) {
   return entry;
 }
 
-Result<std::vector<MapEntry>> BuildMap(GuestSource& source) {
+Result<std::vector<MapEntry>> BuildMap(GuestSource& source, uint64_t start, uint64_t end) {
   std::vector<MapEntry> entries;
   bool raw = source.format() == kFormatRaw;
-  for (uint64_t pos = 0; pos < source.size(); pos += kMapWindow) {
-    uint64_t length = std::min(kMapWindow, source.size() - pos);
+  for (uint64_t pos = start; pos < end; pos += kMapWindow) {
+    uint64_t length = std::min(kMapWindow, end - pos);
     ZQ_ASSIGN_OR_RETURN(std::vector<MapExtent> extents, source.Map(pos, length));
     for (const MapExtent& extent : extents) {
       if (extent.length == 0) continue;
@@ -115,17 +120,32 @@ nlohmann::json MapJson(const std::vector<MapEntry>& entries) {
   return list;
 }
 
-void PrintHuman(const std::string& path, const std::vector<MapEntry>& entries) {
+// The files of the chain, as qemu-img names them: the image as given, then each backing
+// file as its overlay names it, resolved against the overlay's directory. Files zqcow
+// cannot read the header of end the list (their extents then say "depth N").
+std::vector<std::string> ChainNames(const std::string& path, const std::string& format) {
+  std::vector<std::string> names{path};
+  if (format != kFormatQcow2) return names;
+  for (size_t depth = 0; depth < 64; ++depth) {
+    auto info = ReadImageInfo(names.back(), /*force_share=*/true);
+    if (!info.ok() || info->backing_file.empty()) break;
+    names.push_back(FullBackingName(names.back(), info->backing_file));
+  }
+  return names;
+}
+
+// qemu-img prints 0 as "0", other numbers as 0x...
+std::string Hex(uint64_t value) { return value == 0 ? "0" : fmt::format("{:#x}", value); }
+
+void PrintHuman(const std::vector<std::string>& chain, const std::vector<MapEntry>& entries) {
   fmt::print("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
   for (const MapEntry& e : entries) {
     if (!e.data) continue;
-    std::string mapped = e.offset ? fmt::format("{:#x}", *e.offset) : "compressed";
-    if (e.depth == 0) {
-      fmt::print("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, mapped, path);
-    } else {
-      fmt::print("{:<#16x}{:<#16x}{:<16}{} (backing file at depth {})\n", e.start, e.length, mapped,
-                 path, e.depth);
-    }
+    std::string mapped = e.offset ? Hex(*e.offset) : "compressed";
+    std::string file = e.depth < chain.size()
+                           ? chain[e.depth]
+                           : fmt::format("{} (backing file at depth {})", chain[0], e.depth);
+    fmt::print("{:<16}{:<16}{:<16}{}\n", Hex(e.start), Hex(e.length), mapped, file);
   }
 }
 
@@ -184,12 +204,31 @@ int RunMap(const MapArgs& args) {
     }
     return kExitOk;
   }
-  auto entries = BuildMap(**source);
+  const uint64_t size = (*source)->size();
+  uint64_t start = 0;
+  uint64_t end = size;
+  if (!args.start_offset.empty()) {
+    auto parsed = ParseSize(args.start_offset, "--start-offset");
+    if (!parsed.ok()) return ReportError(parsed.status());
+    start = *parsed;
+  }
+  if (!args.max_length.empty()) {
+    auto parsed = ParseSize(args.max_length, "--max-length");
+    if (!parsed.ok()) return ReportError(parsed.status());
+    end = start >= size ? start : start + std::min(*parsed, size - start);
+  }
+  auto entries = BuildMap(**source, start, end);
   if (!entries.ok()) return ReportError(entries.status());
+  if (entries->empty() && start >= size && !args.start_offset.empty()) {
+    // qemu-img lists one empty extent at a start offset at or past the end.
+    MapEntry empty;
+    empty.start = start;
+    entries->push_back(empty);
+  }
   if (*output == OutputFormat::kJson) {
     PrintJson(MapJson(*entries));
   } else {
-    PrintHuman(args.path, *entries);
+    PrintHuman(ChainNames(args.path, (*source)->format()), *entries);
   }
   return kExitOk;
 }
@@ -202,6 +241,10 @@ Subcommand AddMapCommand(CLI::App& parent) {
   app->add_option("-f", args->format, "Format: raw or qcow2 (default: detect)");
   app->add_option("--output", args->output, "human (default) or json");
   app->add_flag("-U,--force-share", args->force_share, "Read even if another process writes the image (qemu-img's -U); the result may be inconsistent");
+  app->add_option("--start-offset", args->start_offset,
+                  "Map from this guest offset (bytes, k/M/G suffixes; default 0)");
+  app->add_option("--max-length", args->max_length,
+                  "Map at most this many bytes (default: to the end)");
   app->add_option("--bitmap", args->bitmap,
                   "NBD source: list the ranges the dirty bitmap NAME marks (dirty/clean)");
   app->add_option("IMG", args->path,

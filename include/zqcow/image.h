@@ -93,6 +93,14 @@ struct SnapshotInfo {
   uint64_t icount = 0;  // 0 when the entry does not record it
 };
 
+// A persistent dirty bitmap, as `qemu-img info` lists it.
+struct BitmapSummary {
+  std::string name;
+  uint64_t granularity = 0;  // bytes
+  bool in_use = false;       // flag "in-use": not stored consistently (its writer did not close)
+  bool auto_enabled = false; // flag "auto": tracks writes
+};
+
 struct ImageInfo {
   std::string path;
   uint32_t version = 3;
@@ -106,6 +114,9 @@ struct ImageInfo {
   std::string backing_file;    // empty when none
   std::string backing_format;  // the backing format header extension; empty when none
   std::vector<SnapshotInfo> snapshots;  // ReadImageInfo only (Image::Info leaves it empty)
+  bool lazy_refcounts = false;          // compatible feature bit 0
+  bool extended_l2 = false;             // incompatible feature bit 4 (subclusters)
+  std::vector<BitmapSummary> bitmaps;   // ReadImageInfo only
   // Image::Info of an open image: the files of its backing chain as opened (the backing
   // file first, then its own, ...); empty without one.
   std::vector<std::string> backing_chain;
@@ -122,8 +133,13 @@ struct CheckResult {
   uint64_t leaks = 0;        // clusters with a refcount that nothing references
   uint64_t allocated_clusters = 0;
   uint64_t compressed_clusters = 0;
+  // Allocated clusters not right after the previous one of their L2 table in the file,
+  // and every compressed cluster (as qemu-img check counts them).
+  uint64_t fragmented_clusters = 0;
   uint64_t image_end_offset = 0;
+  uint64_t total_clusters = 0;  // guest clusters of the virtual size
   bool incomplete = false;   // the dirty bit: the last writer did not close the image
+  bool corrupt_flag = false; // the corrupt bit (incompatible feature bit 1) is set
   std::vector<std::string> messages;  // one line each, like qemu-img check's
 };
 
@@ -192,6 +208,13 @@ ZQCOW_EXPORT Result<ImageInfo> ReadImageInfo(const std::string& path, bool force
 // cannot be opened, the header is unreadable).
 // force_share as for ReadImageInfo.
 ZQCOW_EXPORT Result<CheckResult> CheckImage(const std::string& path, bool force_share = false);
+
+// `qemu-img check -r leaks`: opens the image for writing (taking QEMU's write lock, so it
+// fails while another process has the image open), checks it, and lowers the refcount of
+// every leaked cluster to its references; the refcount blocks are written and synced. A
+// crash during the repair leaves leaks at most. Refuses (kCorruption, nothing written) an
+// image with any finding other than leaks. Returns the number of leaked clusters repaired.
+ZQCOW_EXPORT Result<uint64_t> RepairImageLeaks(const std::string& path);
 
 }  // namespace zqcow
 

@@ -63,6 +63,43 @@ Result<L2Entry> DecodeL2Entry(uint64_t raw, const Geometry& geometry) {
   return entry;
 }
 
+Result<L2Entry> DecodeExtendedL2Entry(uint64_t raw, uint64_t bitmap, const Geometry& geometry) {
+  if ((raw & kEntryCompressed) == 0 && (raw & kEntryZero) != 0) {
+    return Status::Corruption("extended L2 entry " + Hex(raw) +
+                              " has the reserved bit 0 (zero flag) set");
+  }
+  ZQ_ASSIGN_OR_RETURN(L2Entry entry, DecodeL2Entry(raw, geometry));
+  if (entry.kind == L2Entry::Kind::kCompressed) return entry;
+  const uint32_t allocated = static_cast<uint32_t>(bitmap);
+  const uint32_t zero = static_cast<uint32_t>(bitmap >> 32);
+  if ((allocated & zero) != 0) {
+    return Status::Corruption("extended L2 entry " + Hex(raw) + " bitmap " + Hex(bitmap) +
+                              ": subclusters both allocated and zero");
+  }
+  if (entry.kind == L2Entry::Kind::kUnallocated && allocated != 0) {
+    return Status::Corruption("extended L2 entry " + Hex(raw) + " bitmap " + Hex(bitmap) +
+                              ": allocated subclusters without a host cluster");
+  }
+  return entry;
+}
+
+SubclusterRun SubclustersAt(const L2Entry& entry, uint64_t bitmap, uint32_t first) {
+  if (entry.kind == L2Entry::Kind::kCompressed) {
+    return {L2Entry::Kind::kCompressed, kSubclustersPerCluster - first};
+  }
+  const uint32_t allocated = static_cast<uint32_t>(bitmap);
+  const uint32_t zero = static_cast<uint32_t>(bitmap >> 32);
+  auto kind_of = [&](uint32_t i) {
+    if (allocated & (1u << i)) return L2Entry::Kind::kNormal;
+    if (zero & (1u << i)) return L2Entry::Kind::kZero;
+    return L2Entry::Kind::kUnallocated;
+  };
+  const L2Entry::Kind kind = kind_of(first);
+  uint32_t end = first + 1;
+  while (end < kSubclustersPerCluster && kind_of(end) == kind) ++end;
+  return {kind, end - first};
+}
+
 uint64_t EncodeUnallocatedL2Entry() { return 0; }
 
 uint64_t EncodeZeroL2Entry() { return kEntryZero; }

@@ -64,6 +64,29 @@ struct L2Entry {
 // (QEMU does the same).
 Result<L2Entry> DecodeL2Entry(uint64_t raw, const Geometry& geometry);
 
+// Extended L2 entries (incompatible feature bit 4): each guest cluster has 32 subclusters;
+// the entry's second word is a bitmap, bits 0..31 "subcluster i is allocated" (its data at
+// host_offset + i * subcluster size), bits 32..63 "subcluster i reads as zeros"; a
+// subcluster with neither bit reads from the backing file (or as zeros without one). Bit 0
+// of the first word (the standard zero flag) is reserved then. A compressed cluster is
+// compressed whole; its bitmap is ignored, as QEMU does.
+inline constexpr uint32_t kSubclustersPerCluster = 32;
+
+// What subclusters [first, first + count) of one extended entry are: they all have `kind`
+// (kUnallocated, kZero or kNormal). kCompressed covers the whole cluster.
+struct SubclusterRun {
+  L2Entry::Kind kind = L2Entry::Kind::kUnallocated;
+  uint32_t count = 0;
+};
+// Decodes an extended entry (`raw` as DecodeL2Entry, plus `bitmap`): rejects the reserved
+// zero flag, a subcluster both allocated and zero, and allocated subclusters without a host
+// cluster. The returned kind is kCompressed, kNormal (has a host cluster) or kUnallocated
+// (none; subclusters may still read as zeros).
+Result<L2Entry> DecodeExtendedL2Entry(uint64_t raw, uint64_t bitmap, const Geometry& geometry);
+// The run of subclusters of one kind starting at subcluster `first` (< 32) of an entry that
+// DecodeExtendedL2Entry accepted.
+SubclusterRun SubclustersAt(const L2Entry& entry, uint64_t bitmap, uint32_t first);
+
 uint64_t EncodeUnallocatedL2Entry();
 uint64_t EncodeZeroL2Entry();  // v3 only: "reads as zero", no host cluster
 uint64_t EncodeNormalL2Entry(HostOffset host_cluster_offset, bool copied);

@@ -315,6 +315,48 @@ TEST_P(QemuL2Test, DecodesWhatQemuIoWrites) {
   EXPECT_EQ(mapped, n + 3);
 }
 
+TEST(ExtendedL2EntryTest, SubclusterRunsFollowTheBitmap) {
+  const Geometry g{16, /*extended_l2=*/true};
+  EXPECT_EQ(g.l2_entries(), 4096u);
+  EXPECT_EQ(g.l2_bits(), 12u);
+  const uint64_t host = 0x50000;
+  // Subclusters 0-1 allocated, 2 zero, 3-31 unallocated (read the backing file).
+  const uint64_t bitmap = 0x3ull | (0x4ull << 32);
+  auto e = DecodeExtendedL2Entry(EncodeNormalL2Entry(HostOffset(host), true), bitmap, g);
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_EQ(e->kind, L2Entry::Kind::kNormal);
+  SubclusterRun run = SubclustersAt(*e, bitmap, 0);
+  EXPECT_EQ(run.kind, L2Entry::Kind::kNormal);
+  EXPECT_EQ(run.count, 2u);
+  run = SubclustersAt(*e, bitmap, 1);
+  EXPECT_EQ(run.count, 1u);
+  run = SubclustersAt(*e, bitmap, 2);
+  EXPECT_EQ(run.kind, L2Entry::Kind::kZero);
+  EXPECT_EQ(run.count, 1u);
+  run = SubclustersAt(*e, bitmap, 3);
+  EXPECT_EQ(run.kind, L2Entry::Kind::kUnallocated);
+  EXPECT_EQ(run.count, 29u);
+  // No host cluster: zero subclusters are fine, allocated ones are not.
+  auto plain = DecodeExtendedL2Entry(0, 0xffffffffull << 32, g);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(SubclustersAt(*plain, 0xffffffffull << 32, 0).kind, L2Entry::Kind::kZero);
+  EXPECT_EQ(SubclustersAt(*plain, 0xffffffffull << 32, 0).count, 32u);
+  EXPECT_EQ(DecodeExtendedL2Entry(0, 1, g).status().code(), Status::Code::kCorruption);
+  // A subcluster both allocated and zero; the reserved zero flag.
+  EXPECT_EQ(DecodeExtendedL2Entry(EncodeNormalL2Entry(HostOffset(host), true), 0x100000001ull, g)
+                .status()
+                .code(),
+            Status::Code::kCorruption);
+  EXPECT_EQ(DecodeExtendedL2Entry(EncodeZeroL2Entry(), 0, g).status().code(),
+            Status::Code::kCorruption);
+  // Compressed: the whole cluster, whatever the bitmap.
+  const uint64_t compressed = EncodeCompressedL2Entry(HostOffset(0x60200), 1000, g);
+  auto c = DecodeExtendedL2Entry(compressed, 0, g);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(SubclustersAt(*c, 0, 5).kind, L2Entry::Kind::kCompressed);
+  EXPECT_EQ(SubclustersAt(*c, 0, 5).count, 27u);
+}
+
 INSTANTIATE_TEST_SUITE_P(ClusterBits, QemuL2Test,
                          ::testing::Range<uint32_t>(kMinClusterBits, kMaxClusterBits + 1));
 

@@ -75,8 +75,8 @@ Status CheckTable(const char* name, uint64_t offset, uint64_t bytes, uint64_t cl
 }
 
 // L1 entries needed for `size` bytes, without overflow.
-uint64_t L1EntriesNeeded(uint64_t size, uint32_t cluster_bits) {
-  const uint32_t shift = cluster_bits + (cluster_bits - 3);
+uint64_t L1EntriesNeeded(uint64_t size, uint32_t cluster_bits, bool extended_l2) {
+  const uint32_t shift = cluster_bits + (cluster_bits - (extended_l2 ? 4 : 3));
   const uint64_t mask = (uint64_t{1} << shift) - 1;
   return (size >> shift) + ((size & mask) != 0 ? 1 : 0);
 }
@@ -107,7 +107,8 @@ Status ParseExtensions(std::span<const uint8_t> bytes, uint64_t start, uint64_t 
 
 }  // namespace
 
-Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
+Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size,
+                           bool refcount_table_may_pass_eof) {
   if (bytes.size() > file_size) bytes = bytes.first(file_size);
   if (bytes.size() < kV2HeaderLength) {
     return Corrupt("file too short for a qcow2 header (" + std::to_string(bytes.size()) +
@@ -182,8 +183,9 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
   if (unknown & kIncompatExternalData) {
     return Unsupported("incompatible_features: external data files are not supported");
   }
-  if (unknown & kIncompatExtendedL2) {
-    return Unsupported("incompatible_features: extended L2 entries are not supported");
+  if ((h.incompatible_features & kIncompatExtendedL2) && h.cluster_bits < kMinExtendedL2ClusterBits) {
+    return Corrupt("extended L2 entries need clusters of at least 16 KiB (cluster_bits " +
+                   std::to_string(h.cluster_bits) + ")");
   }
   if (unknown != 0) {
     return Unsupported("incompatible_features has unknown bits " + Hex(unknown));
@@ -213,7 +215,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
     return Corrupt("l1_size " + std::to_string(h.l1_size) + " is above the limit of " +
                    std::to_string(kMaxL1TableBytes / 8) + " entries");
   }
-  const uint64_t l1_needed = L1EntriesNeeded(h.size, h.cluster_bits);
+  const uint64_t l1_needed =
+      L1EntriesNeeded(h.size, h.cluster_bits, (h.incompatible_features & kIncompatExtendedL2) != 0);
   if (h.l1_size < l1_needed) {
     return Corrupt("l1_size " + std::to_string(h.l1_size) + " is too small for size " +
                    std::to_string(h.size) + " (needs " + std::to_string(l1_needed) + " entries)");
@@ -233,7 +236,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size) {
                    " is above the limit of " + std::to_string(kMaxRefcountTableBytes) + " bytes");
   }
   ZQ_RETURN_IF_ERROR(CheckTable("refcount_table_offset", h.refcount_table_offset, reftable_bytes,
-                                cluster_size, file_size));
+                                cluster_size,
+                                refcount_table_may_pass_eof ? UINT64_MAX : file_size));
 
   // Snapshot table: only where it lies; its entries are parsed by format/snapshot.h. Every
   // entry is at least kSnapshotEntryHeaderSize bytes, so that much must be in the file.

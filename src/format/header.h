@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "format/types.h"
 #include "zqcow/status.h"
 
 namespace zqcow::format {
@@ -38,7 +39,10 @@ inline constexpr uint64_t kIncompatExternalData = 1ull << 2;
 inline constexpr uint64_t kIncompatCompressionType = 1ull << 3;
 inline constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
 // The ones zqcow understands; any other set bit makes the image unopenable.
-inline constexpr uint64_t kIncompatSupported = kIncompatDirty | kIncompatCorrupt | kIncompatCompressionType;
+// Extended L2 images are read only (qcow2_open refuses to write them).
+inline constexpr uint64_t kIncompatSupported =
+    kIncompatDirty | kIncompatCorrupt | kIncompatCompressionType | kIncompatExtendedL2;
+inline constexpr uint32_t kMinExtendedL2ClusterBits = 14;
 // QEMU's limit on an L1 table (the active one and every snapshot's): 32 MiB of entries.
 inline constexpr uint64_t kMaxL1TableBytes = 32ull << 20;
 
@@ -83,6 +87,8 @@ struct Header {
   std::string backing_file;                 // read from backing_file_offset
 
   uint64_t cluster_size() const { return uint64_t{1} << cluster_bits; }
+  bool extended_l2() const { return (incompatible_features & kIncompatExtendedL2) != 0; }
+  Geometry geometry() const { return Geometry{cluster_bits, extended_l2()}; }
   bool operator==(const Header&) const = default;
 };
 
@@ -105,7 +111,10 @@ struct Header {
 // bits and compression type 0. Extensions run from header_length up to the backing file
 // name (or the end of the cluster); an area without an end marker is accepted, as in QEMU.
 // Messages start with "qcow2 header: " and name the field; callers prefix the path.
-Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size);
+// refcount_table_may_pass_eof: accept a refcount table that runs past end of file (the
+// checker reads it as zeros past the end and reports the corruption, as qemu-img check does).
+Result<Header> ParseHeader(std::span<const uint8_t> bytes, uint64_t file_size,
+                           bool refcount_table_may_pass_eof = false);
 
 // The backing format header extension (kExtBackingFormat): the format's name ("qcow2",
 // "raw"), unterminated, as QEMU writes it.

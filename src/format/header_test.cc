@@ -325,8 +325,13 @@ const MalformedCase kMalformed[] = {
      Status::Code::kNotSupported, "incompatible_features"},
     {"external_data", [](auto& b, auto&) { Set64(b, 72, kIncompatExternalData); },
      Status::Code::kNotSupported, "external data"},
-    {"extended_l2", [](auto& b, auto&) { Set64(b, 72, kIncompatExtendedL2); },
-     Status::Code::kNotSupported, "extended L2"},
+    // Extended L2 images are read (with clusters of at least 16 KiB, as the spec requires).
+    {"extended_l2_small_clusters",
+     [](auto& b, auto&) {
+       Set64(b, 72, kIncompatExtendedL2);
+       Set32(b, 20, 13);
+     },
+     Status::Code::kCorruption, "extended L2"},
     {"encryption", [](auto& b, auto&) { Set32(b, 32, 2); }, Status::Code::kNotSupported,
      "crypt_method"},
     // Snapshots are accepted (SnapshotsAreAccepted) but their table must be in place. The

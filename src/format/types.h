@@ -35,12 +35,17 @@ using HostCluster = Strong64<struct HostClusterTag>;    // host offset >> cluste
 // The sizes everything else is derived from.
 struct Geometry {
   uint32_t cluster_bits = 16;
+  // Extended L2 entries (incompatible feature bit 4): 16 bytes each, the standard 64-bit
+  // descriptor followed by the subcluster bitmap (format/entries.h).
+  bool extended_l2 = false;
 
   constexpr uint64_t cluster_size() const { return uint64_t{1} << cluster_bits; }
   constexpr uint64_t offset_in_cluster(uint64_t offset) const { return offset & (cluster_size() - 1); }
-  // Entries in one L2 table (a table is one cluster of 8-byte entries).
-  constexpr uint64_t l2_entries() const { return cluster_size() / 8; }
-  constexpr uint32_t l2_bits() const { return cluster_bits - 3; }
+  // Bytes of one L2 entry: 8, or 16 with extended L2 entries.
+  constexpr uint64_t l2_entry_bytes() const { return extended_l2 ? 16 : 8; }
+  // Entries in one L2 table (a table is one cluster of entries).
+  constexpr uint64_t l2_entries() const { return cluster_size() / l2_entry_bytes(); }
+  constexpr uint32_t l2_bits() const { return cluster_bits - (extended_l2 ? 4 : 3); }
 
   constexpr GuestCluster guest_cluster(GuestOffset g) const { return GuestCluster(g.value() >> cluster_bits); }
   constexpr HostCluster host_cluster(HostOffset h) const { return HostCluster(h.value() >> cluster_bits); }

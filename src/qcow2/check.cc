@@ -43,13 +43,14 @@
 #include <vector>
 
 #include "format/endian.h"
+#include "format/bitmaps.h"
 #include "format/entries.h"
 #include "format/header.h"
 #include "format/refcount.h"
 #include "format/snapshot.h"
 #include "format/types.h"
 #include "io/file.h"
-#include "qcow2/backing.h"
+#include "qcow2/header_io.h"
 #include "qcow2/qcow2_image.h"
 #include "zqcow/image.h"
 
@@ -65,15 +66,10 @@ using format::kEntryZero;
 constexpr uint64_t kMaxCheckedClusters = uint64_t{1} << 26;
 // Findings beyond this many are counted but not listed.
 constexpr size_t kMaxMessages = 1000;
-// First read of a file: enough for any header field that says how big the header is.
-constexpr uint64_t kHeaderProbeBytes = 4096;
-constexpr size_t kOffClusterBits = 20;
 // Counter values: on-disk refcounts that cannot be read are kUnknown; larger values
 // saturate at kSaturated.
 constexpr uint32_t kUnknown = std::numeric_limits<uint32_t>::max();
 constexpr uint32_t kSaturated = kUnknown - 1;
-// Autoclear bit 0: the bitmaps extension is valid.
-constexpr uint64_t kAutoclearBitmaps = 1;
 
 std::string Format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 std::string Format(const char* fmt, ...) {
@@ -85,48 +81,12 @@ std::string Format(const char* fmt, ...) {
   return buf;
 }
 
-Status ReadExact(io::File* file, uint64_t offset, void* buffer, size_t length) {
-  auto read = file->ReadAt(offset, buffer, length);
-  return read.ok() ? Status::OK() : read.status();
-}
-
-// `file` as format/'s snapshot-table reader.
-format::ReadAtFunction ReaderOf(io::File* file) {
-  return [file](uint64_t offset, std::span<uint8_t> buffer) {
-    return ReadExact(file, offset, buffer.data(), buffer.size());
-  };
-}
-
-// Reads the first cluster of the file (or the whole file when it is shorter).
-Result<std::vector<uint8_t>> ReadHeaderBytes(io::File* file, uint64_t file_size) {
-  std::vector<uint8_t> bytes(std::min(file_size, kHeaderProbeBytes));
-  ZQ_RETURN_IF_ERROR(ReadExact(file, 0, bytes.data(), bytes.size()));
-  if (bytes.size() >= kOffClusterBits + 4) {
-    const uint32_t cluster_bits = format::LoadBE32(bytes.data() + kOffClusterBits);
-    if (cluster_bits >= format::kMinClusterBits && cluster_bits <= format::kMaxClusterBits) {
-      const uint64_t want = std::min(file_size, uint64_t{1} << cluster_bits);
-      if (want > bytes.size()) {
-        bytes.resize(want);
-        ZQ_RETURN_IF_ERROR(ReadExact(file, 0, bytes.data(), bytes.size()));
-      }
-    }
-  }
-  return bytes;
-}
-
-Result<format::Header> ReadHeader(io::File* file, uint64_t file_size) {
-  ZQ_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, ReadHeaderBytes(file, file_size));
-  auto header = format::ParseHeader(bytes, file_size);
-  if (!header.ok()) return header.status().WithPrefix(file->path());
-  return header;
-}
-
 class Checker {
  public:
   Checker(io::File* file, const format::Header& header, uint64_t file_size)
       : file_(file),
         header_(header),
-        geometry_{header.cluster_bits},
+        geometry_(header.geometry()),
         refcount_geometry_{header.cluster_bits, header.refcount_order},
         cluster_size_(geometry_.cluster_size()),
         file_size_(file_size),
@@ -145,6 +105,9 @@ class Checker {
     references_.assign(file_clusters_ + 1, 0);
     on_disk_.assign(file_clusters_ + 1, 0);
     result_.incomplete = (header_.incompatible_features & format::kIncompatDirty) != 0;
+    result_.corrupt_flag = (header_.incompatible_features & format::kIncompatCorrupt) != 0;
+    result_.total_clusters =
+        header_.size / cluster_size_ + (geometry_.offset_in_cluster(header_.size) != 0);
     if (header_.incompatible_features & format::kIncompatCorrupt) {
       Note("Note: the image is marked corrupt (incompatible feature bit 1)");
     }
@@ -154,6 +117,7 @@ class Checker {
     Reference(0, cluster_size_);  // header
     ZQ_RETURN_IF_ERROR(CheckL1AndL2(header_.l1_table_offset, header_.l1_size, /*active=*/true));
     ZQ_RETURN_IF_ERROR(CheckSnapshots());
+    ZQ_RETURN_IF_ERROR(CheckBitmaps());
     Reference(header_.refcount_table_offset, refcount_table_.size() * 8);
     CheckRefcountBlocks();
     CompareRefcounts();
@@ -209,8 +173,12 @@ class Checker {
 
   Status ReadRefcountTable() {
     const uint64_t entries = uint64_t{header_.refcount_table_clusters} * cluster_size_ / 8;
-    std::vector<uint8_t> raw(entries * 8);  // inside the file: ParseHeader checked
-    ZQ_RETURN_IF_ERROR(ReadExact(file_, header_.refcount_table_offset, raw.data(), raw.size()));
+    // ParseHeader checked it is inside the file, unless the caller allowed a table past end
+    // of file: that part reads as zeros (as in QEMU), and its reference is a corruption.
+    std::vector<uint8_t> raw(entries * 8);
+    const uint64_t offset = header_.refcount_table_offset;
+    const uint64_t inside = offset >= file_size_ ? 0 : std::min<uint64_t>(raw.size(), file_size_ - offset);
+    ZQ_RETURN_IF_ERROR(ReadExact(file_, offset, raw.data(), inside));
     refcount_table_.resize(entries);
     for (uint64_t i = 0; i < entries; ++i) refcount_table_[i] = format::LoadBE64(&raw[i * 8]);
     return Status::OK();
@@ -292,8 +260,16 @@ class Checker {
     for (const auto& [l2_offset, times] : ordered) {
       if (l2_offset >= file_size_) continue;  // reads as zeros: no entries
       ZQ_RETURN_IF_ERROR(ReadExact(file_, l2_offset, l2.data(), l2.size()));
+      next_contiguous_ = 0;
+      const uint64_t entry_bytes = geometry_.l2_entry_bytes();
       for (uint64_t j = 0; j < geometry_.l2_entries(); ++j) {
-        CheckL2Entry(format::LoadBE64(&l2[j * 8]), times, active);
+        const uint64_t raw = format::LoadBE64(&l2[j * entry_bytes]);
+        if (geometry_.extended_l2) {
+          const uint64_t bitmap = format::LoadBE64(&l2[j * entry_bytes + 8]);
+          auto extended = format::DecodeExtendedL2Entry(raw, bitmap, geometry_);
+          if (!extended.ok()) Corruption("ERROR " + extended.status().message());
+        }
+        CheckL2Entry(raw, times, active);
       }
     }
     return Status::OK();
@@ -317,6 +293,8 @@ class Checker {
       if (active) {
         result_.allocated_clusters += times;
         result_.compressed_clusters += times;
+        // As QEMU counts them: compressed clusters are fragmented by nature.
+        result_.fragmented_clusters += times;
       }
       return;
     }
@@ -333,6 +311,12 @@ class Checker {
     Reference(offset, cluster_size_, times);
     if (active) {
       result_.allocated_clusters += times;
+      // QEMU: a cluster is fragmented when it does not follow the previous allocated one
+      // of the same L2 table in the file.
+      if (next_contiguous_ != 0 && offset != next_contiguous_) {
+        result_.fragmented_clusters += times;
+      }
+      next_contiguous_ = offset + cluster_size_;
       CheckCopied((raw & kEntryCopied) != 0, offset, "data cluster", raw);
     }
   }
@@ -365,6 +349,35 @@ class Checker {
           CheckL1AndL2(snapshot.l1_table_offset, snapshot.l1_size, /*active=*/false));
     }
     Reference(header_.snapshots_offset, table->byte_length);
+    return Status::OK();
+  }
+
+  // Persistent dirty bitmaps: the directory, every bitmap's table and its data clusters are
+  // referenced once each (QEMU's qcow2_check_bitmaps_refcounts).
+  Status CheckBitmaps() {
+    auto directory = format::ReadBitmapDirectory(header_, file_size_, ReaderOf(file_));
+    if (!directory.ok()) {
+      if (!directory.status().IsCorruption()) return directory.status();
+      Corruption("ERROR " + directory.status().message());
+      return Status::OK();
+    }
+    if (directory->bitmaps.empty()) return Status::OK();
+    Reference(directory->offset, directory->size);
+    for (const format::BitmapInfo& bitmap : directory->bitmaps) {
+      const uint64_t bytes = uint64_t{bitmap.table_size} * 8;
+      if (geometry_.offset_in_cluster(bitmap.table_offset) != 0 ||
+          bitmap.table_offset > file_size_ || bytes > file_size_ - bitmap.table_offset ||
+          bytes > format::kMaxBitmapDirectoryBytes) {
+        Corruption(Format("ERROR bitmap table of '%s' at 0x%" PRIx64
+                          " is unaligned or outside the file",
+                          bitmap.name.c_str(), bitmap.table_offset));
+        continue;
+      }
+      Reference(bitmap.table_offset, bytes);
+      std::vector<uint8_t> table(bytes);
+      ZQ_RETURN_IF_ERROR(ReadExact(file_, bitmap.table_offset, table.data(), table.size()));
+      for (uint64_t data : format::BitmapDataClusters(table)) Reference(data, cluster_size_);
+    }
     return Status::OK();
   }
 
@@ -465,32 +478,14 @@ class Checker {
   std::vector<uint32_t> on_disk_;     // read from the refcount blocks, per host cluster
   CheckResult result_;
   uint64_t dropped_messages_ = 0;
+  uint64_t next_contiguous_ = 0;  // fragmentation: where the next data cluster would follow
 };
-
-bool HasValidBitmaps(const format::Header& header) {
-  if (!(header.autoclear_features & kAutoclearBitmaps)) return false;
-  for (const auto& ext : header.extensions) {
-    if (ext.type == format::kExtBitmaps) return true;
-  }
-  return false;
-}
-
-Result<std::unique_ptr<io::File>> OpenForReading(const std::string& path, bool force_share) {
-  io::FileOptions options;
-  if (force_share) options.lock = io::ImageLock::kShared;
-  options.use_io_uring = false;  // a handful of sequential reads
-  return io::OpenFile(path, options);
-}
 
 }  // namespace
 
 Result<uint64_t> RepairLeaksOnFile(io::File* file) {
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   ZQ_ASSIGN_OR_RETURN(format::Header header, ReadHeader(file, file_size));
-  if (HasValidBitmaps(header)) {
-    return Status::NotSupported(file->path() +
-                                ": images with persistent dirty bitmaps cannot be repaired");
-  }
   Checker checker(file, header, file_size);
   ZQ_ASSIGN_OR_RETURN(CheckResult found, checker.Run());
   if (found.corruptions > 0) {
@@ -512,11 +507,8 @@ Result<uint64_t> RepairLeaks(const std::string& path) {
 
 Result<CheckResult> CheckImageFile(io::File* file) {
   ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
-  ZQ_ASSIGN_OR_RETURN(format::Header header, ReadHeader(file, file_size));
-  if (HasValidBitmaps(header)) {
-    return Status::NotSupported(file->path() +
-                                ": images with persistent dirty bitmaps cannot be checked");
-  }
+  ZQ_ASSIGN_OR_RETURN(format::Header header,
+                      ReadHeader(file, file_size, /*refcount_table_may_pass_eof=*/true));
   Checker checker(file, header, file_size);
   return checker.Run();
 }
@@ -530,30 +522,6 @@ Result<CheckResult> CheckImage(const std::string& path, bool force_share) {
   return qcow2::CheckImageFile(file.get());
 }
 
-Result<ImageInfo> ReadImageInfo(const std::string& path, bool force_share) {
-  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, qcow2::OpenForReading(path, force_share));
-  ZQ_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
-  ZQ_ASSIGN_OR_RETURN(format::Header header, qcow2::ReadHeader(file.get(), file_size));
-  ImageInfo info;
-  info.path = path;
-  info.version = header.version;
-  info.virtual_size = header.size;
-  info.cluster_size = static_cast<uint32_t>(header.cluster_size());
-  info.refcount_bits = 1u << header.refcount_order;
-  info.compression = static_cast<Compression>(header.compression_type);
-  info.file_size = file_size;
-  info.dirty = (header.incompatible_features & format::kIncompatDirty) != 0;
-  info.corrupt = (header.incompatible_features & format::kIncompatCorrupt) != 0;
-  info.backing_file = header.backing_file;
-  info.backing_format = qcow2::BackingFormatOf(header);
-  auto table = format::ReadSnapshotTable(header, file_size, qcow2::ReaderOf(file.get()));
-  if (!table.ok()) return table.status().WithPrefix(path);
-  for (const format::Snapshot& snapshot : table->snapshots) {
-    info.snapshots.push_back({snapshot.id, snapshot.name, snapshot.vm_state_size, snapshot.date_sec,
-                              snapshot.date_nsec, snapshot.vm_clock_nsec,
-                              snapshot.icount.value_or(0)});
-  }
-  return info;
-}
+Result<uint64_t> RepairImageLeaks(const std::string& path) { return qcow2::RepairLeaks(path); }
 
 }  // namespace zqcow

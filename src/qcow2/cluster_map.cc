@@ -54,7 +54,16 @@ Result<uint64_t> ClusterMap::GetEntry(format::GuestCluster cluster, uint64_t hos
   ZQ_ASSIGN_OR_RETURN(auto table, LoadL2(cluster, host_limit));
   if (!table) return uint64_t{0};
   uint64_t index = cluster.value() & (geometry_.l2_entries() - 1);
-  return format::LoadBE64(table->data.data() + index * 8);
+  return format::LoadBE64(table->data.data() + index * geometry_.l2_entry_bytes());
+}
+
+Result<ClusterMap::ExtendedEntry> ClusterMap::GetExtendedEntry(format::GuestCluster cluster,
+                                                               uint64_t host_limit) {
+  ZQ_ASSIGN_OR_RETURN(auto table, LoadL2(cluster, host_limit));
+  if (!table) return ExtendedEntry{};
+  const uint64_t index = cluster.value() & (geometry_.l2_entries() - 1);
+  const uint8_t* entry = table->data.data() + index * geometry_.l2_entry_bytes();
+  return ExtendedEntry{format::LoadBE64(entry), format::LoadBE64(entry + 8)};
 }
 
 Status ClusterMap::EnsureL2(format::GuestCluster cluster, Refcounts* refcounts) {
@@ -79,7 +88,7 @@ Status ClusterMap::SetEntry(format::GuestCluster cluster, uint64_t raw, uint64_t
                               std::to_string(cluster.value()));
   }
   uint64_t index = cluster.value() & (geometry_.l2_entries() - 1);
-  format::StoreBE64(table->data.data() + index * 8, raw);
+  format::StoreBE64(table->data.data() + index * geometry_.l2_entry_bytes(), raw);
   cache_->MarkDirty(*table);
   return Status::OK();
 }

@@ -33,6 +33,13 @@ class ClusterMap {
   // The raw L2 entry of guest cluster `cluster` (0 when it has no L2 table).
   // `host_limit`: L2 tables must end at or before it.
   Result<uint64_t> GetEntry(format::GuestCluster cluster, uint64_t host_limit);
+  // Extended L2 entries (geometry.extended_l2): the descriptor and the subcluster bitmap
+  // (both 0 when there is no L2 table).
+  struct ExtendedEntry {
+    uint64_t raw = 0;
+    uint64_t bitmap = 0;
+  };
+  Result<ExtendedEntry> GetExtendedEntry(format::GuestCluster cluster, uint64_t host_limit);
   // Whether the L1 entry covering `cluster` points at an L2 table.
   Result<bool> HasL2(format::GuestCluster cluster);
   // Makes sure the L2 table covering `cluster` exists (allocating a zeroed one).

@@ -93,7 +93,7 @@ Qcow2Image::Qcow2Image(Parts parts)
     : path_(parts.file->path()),
       file_(std::move(parts.file)),
       header_(std::move(parts.header)),
-      geometry_{header_.cluster_bits},
+      geometry_(header_.geometry()),
       cluster_size_(geometry_.cluster_size()),
       writable_(parts.writable),
       file_size_at_open_(parts.file_size),
@@ -326,6 +326,7 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t guest_offset, std::span<
 
 Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
   ZQ_RETURN_IF_ERROR(CheckRange(guest_offset, out.size()));
+  if (geometry_.extended_l2) return ReadExtended(guest_offset, out);
   ScratchLease lease;
   std::vector<uint64_t>& raws = lease.get().raws;  // entries of the clusters read in one go
   const uint64_t per_l2 = geometry_.l2_entries();
@@ -727,6 +728,7 @@ Result<Qcow2Image::MapStep> Qcow2Image::LookUpForMap(uint64_t offset, uint64_t e
     step.length = std::min(end, io::AlignDown(offset, per_l2_bytes) + per_l2_bytes) - offset;
     return step;
   }
+  if (geometry_.extended_l2) return LookUpExtendedLocked(offset, end);
   ZQ_ASSIGN_OR_RETURN(uint64_t raw, cluster_map_->GetEntry(cluster, HostLimitLocked()));
   ZQ_ASSIGN_OR_RETURN(step.entry, Decode(raw));
   return step;

@@ -147,6 +147,13 @@ class Qcow2Image final : public Image {
     uint64_t length = 0;
   };
   Result<MapStep> LookUpForMap(uint64_t offset, uint64_t end);
+  // --- extended_l2_read.cc: images with extended L2 entries (read only) ---
+  // Read() of such an image: cluster by cluster, each subcluster run as the bitmap says
+  // (allocated: from the host cluster; zero; unallocated: ReadUnallocated).
+  Status ReadExtended(uint64_t guest_offset, std::span<uint8_t> out);
+  // LookUpForMap's step within one cluster: the run of subclusters of one kind at `offset`
+  // (entry.kind that kind, entry.host_offset the cluster's).
+  Result<MapStep> LookUpExtendedLocked(uint64_t offset, uint64_t end);
   // Map of [guest_offset, + length), unallocated in this image, through the backing chain,
   // handed to `add` extent by extent.
   Status MapUnallocated(uint64_t guest_offset, uint64_t length,

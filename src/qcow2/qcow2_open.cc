@@ -81,6 +81,11 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                                 Hex(header.incompatible_features & ~format::kIncompatSupported));
   }
   const uint64_t cluster_size = header.cluster_size();
+  if (options.writable && header.extended_l2()) {
+    return Status::NotSupported(path +
+                                ": writing to an image with extended L2 entries (subclusters) is "
+                                "not supported (reading it is)");
+  }
   if (options.writable) {
     if (header.incompatible_features & format::kIncompatCorrupt) {
       return Status::Corruption(path + ": image is marked corrupt; repair it before writing");
@@ -98,7 +103,7 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                                 std::to_string(cluster_size));
   }
 
-  format::Geometry geometry{header.cluster_bits};
+  const format::Geometry geometry = header.geometry();
   if (header.l1_size < geometry.l1_size_for(header.size)) {
     return Status::Corruption(path + ": L1 table of " + std::to_string(header.l1_size) +
                               " entries is too small for virtual size " +
