@@ -1,6 +1,7 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 //
-// Compressed-write throughput with and without the compressed write cache, on a real file in
+// Compressed-write throughput of the cluster store's strategies (src/qcow2/cluster_store.h):
+// kAssemble ("cache") and the kWriteThrough baseline ("no cache"), on a real file in
 // /var/tmp (O_DIRECT needs a disk-backed file system), opened O_DIRECT or buffered.
 //
 // N threads write compressed-size pieces (random 2..20 KiB) that a bump pointer laid out one
@@ -32,7 +33,7 @@
 #include <vector>
 
 #include "io/file.h"
-#include "qcow2/compressed_write_cache.h"
+#include "qcow2/cluster_store.h"
 
 namespace zqcow {
 namespace {
@@ -114,10 +115,11 @@ void RunWrites(benchmark::State& state, bool direct, bool cache_enabled, bool pr
         return;
       }
     }
-    qcow2::CompressedWriteCache::Options options;
-    options.enabled = cache_enabled;
+    qcow2::ClusterStore::Options options;
+    options.strategy = cache_enabled ? qcow2::ClusterStore::Strategy::kAssemble
+                                     : qcow2::ClusterStore::Strategy::kWriteThrough;
     options.max_clusters = kCacheClusters;
-    auto cache = qcow2::CompressedWriteCache::Create(file->get(), kClusterSize, options);
+    auto cache = qcow2::ClusterStore::Create(file->get(), kClusterSize, options);
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
     std::vector<std::thread> workers;

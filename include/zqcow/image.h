@@ -51,7 +51,8 @@ struct CreateOptions {
 struct IoOptions {
   bool direct_io = false;               // O_DIRECT on the image file
   bool use_io_uring = true;             // when the kernel allows it
-  // Compressed write cache (see src/qcow2/compressed_write_cache.h). kAuto = on for
+  // Compressed write cache (the cluster store, src/qcow2/cluster_store.h; kOff = the
+  // write-through store, one write per compressed cluster as QEMU does). kAuto = on for
   // O_DIRECT files and with drop_page_cache, off for other buffered ones.
   enum class WriteCache : uint8_t { kAuto, kOn, kOff } write_cache = WriteCache::kAuto;
   size_t write_cache_bytes = 64ull * 65536;  // rounded to whole clusters (at least 1)

@@ -39,46 +39,17 @@ inline constexpr int kDeflateWindowBits = 12;
 // at igzip levels 0..3; levels 5..9 are zlib (windowBits -12, memLevel 8) at the same zlib
 // level. Every level writes a stream QEMU reads.
 //
-// Measured (Release, one core, 24 MiB of non-zero 64 KiB clusters taken from files in
-// /usr/bin, /usr/lib/x86_64-linux-gnu and /usr/share; two disjoint samples A / B; zlib at
-// memLevel 8, except L1 and L9 at memLevel 9):
-//   engine          MB/s (A)   output % of input (A / B)   vs zlib 6 (A / B)
-//   zlib -12 L1       117          26.63 / -                 +7.3%
-//   zlib -12 L5       105          24.97 / -                 +0.6%
-//   zlib -12 L6        85          24.82 / 22.85              0      (QEMU's choice)
-//   zlib -12 L9        30          24.74 / -                 -0.3%
-//   igzip L0         1220          30.41 / 28.70             +22.5% / +25.6%
-//   igzip L1         1015          26.65 / 24.79             +7.3% / +8.5%
-//   igzip L2          985          26.58 / 24.72             +7.1% / +8.2%
-//   igzip L3          510          26.41 / 24.48             +6.4% / +7.1%
-//   zstd 1 / 3 / 9   790 / 610 / 150   25.03 / 24.21 / 22.92 (A)
-// So the deflate default (3 = igzip L2) costs ~7-8% more space than QEMU's zlib 6 on this
-// mixed data for ~11x the speed; level 4 (igzip L3) trims ~1% more at half that speed; the
-// zlib levels are only worth it when size matters more than time. zlib level 1 is never
-// chosen: igzip L1 gives the same size 9x faster. On single-kind samples (bench/codec_bench
-// with ZQCOW_BENCH_CORPUS = the first 16 MiB of one directory) igzip L2's excess over zlib 6
-// is +8.6% (/usr/bin), +9.7% (/usr/lib/x86_64-linux-gnu), +8.9% (/usr/lib/python3) and up
-// to +13% on highly compressible text (/usr/include, /usr/share: 2-6% of the input, where
-// the excess is few bytes); igzip L3 does no better there.
+// The default (3 = igzip L2) trades a few percent of size against QEMU's zlib 6 for about
+// ten times the speed; zlib level 1 is never used (igzip L1 gives the same size faster).
+// Figures: docs/BENCHMARKS.md, "Design measurements".
 //
 // zstd: levels 1..19 and the "fast" levels -5..-1; the default is 3, QEMU's fixed level.
 // Every level except 3 is the plain zstd level. Level 3 is zstd level 3 (double-fast, min
 // match 5) with the larger match-finder tables zstd gives level 3 on inputs over 256 KiB:
 // for a 64 KiB cluster zstd would shrink them to hashLog 16 / chainLog 15, which costs
 // both speed and size here because the context is reused for every cluster. The frames
-// stay plain zstd frames. Measured (Release, one core, libzstd 1.5.4, the 14905 non-zero
-// 64 KiB clusters of an ext4 image of /usr/share, 931 MiB; CPU is the mean of 6 runs on a
-// shared machine, +-5%):
-//   setting                         output bytes   vs plain 3   CPU s
-//   plain 3 (h16 c15: QEMU's)          304919170        0        2.05
-//   3 with h17 c16 (our level 3)       304745831     -0.06%      1.86  (-7..-9%)
-//   plain 4 (h17 c16, min match 4)     304101677     -0.27%      2.01
-//   plain 2 (fast)                     309785127     +1.6%       1.60
-//   plain 1 (fast)                     313486212     +2.8%       1.58
-//   plain -1 / -5                                   +13.5/+31.9% 1.37 / 1.13
-// On 32 MiB of /usr/lib binaries h17 c16 saves 12% CPU, on text 5%; output shrinks too.
-// Smaller tables, min match 6, the greedy strategy and uncompressed literals are all larger
-// or slower; ZSTD_c_targetCBlockSize is pathologically slow (100x) in 1.5.4.
+// stay plain zstd frames. Figures (and the settings tried and rejected): docs/BENCHMARKS.md,
+// "Design measurements".
 inline constexpr int kZstdTunedLevel = 3;      // the level that gets the tables below
 inline constexpr int kZstdTunedHashLog = 17;   // ZSTD_c_hashLog (double-fast long table)
 inline constexpr int kZstdTunedChainLog = 16;  // ZSTD_c_chainLog (double-fast short table)

@@ -63,8 +63,8 @@ unsigned UsableCpus() {
 }
 
 // Default: one worker per CPU; two when the workers read the source themselves (a qcow2
-// source), so one worker's read overlaps another's compression (zstd qcow2 -> zstd, 2 CPUs:
-// 1.9 s with 2 workers, 1.6 s with 4).
+// source), so one worker's read overlaps another's compression (docs/BENCHMARKS.md,
+// "Design measurements").
 unsigned WorkerCount(unsigned requested, bool workers_read) {
   unsigned workers = requested != 0 ? requested : UsableCpus() * (workers_read ? 2 : 1);
   return std::clamp(workers, 1u, kMaxWorkers);
@@ -291,9 +291,6 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                                    std::to_string(options.cluster_size) +
                                    " is not a power of two between 512 and 2 MiB");
   }
-  // -m beyond the CPUs: the extra workers overlap I/O, but they share one compressor per
-  // CPU (16 zstd workers with a context each took 1.7 s on 2 CPUs instead of 1.1 s: their
-  // tables evicted each other from the caches at every switch).
   if (options.output_format == "raw") {
     return ConvertRaw(source, target, options, start_time, start_cpu);
   }
@@ -304,6 +301,9 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   if (options.no_create || options.target_is_zero) {
     return Status::InvalidArgument(target + ": -n and --target-is-zero need raw output (-O raw)");
   }
+  // -m beyond the CPUs: the extra workers overlap I/O, but they share one compressor per
+  // CPU (a context each would evict each other's tables from the caches at every switch;
+  // docs/BENCHMARKS.md, "Design measurements").
   const unsigned compressors_wanted = std::min(WorkerCount(options.workers, false), UsableCpus());
   if (!options.bitmap.empty() && options.backing_file.empty()) {
     return Status::InvalidArgument(target + ": a dirty bitmap (" + options.bitmap +

@@ -27,7 +27,7 @@ using io::AlignUp;
 // Guest bytes per read buffer (more when a cluster or the source's alignment is larger).
 constexpr size_t kChunkBytes = size_t{1} << 20;
 // Chunks read with one ReadBatch (io_uring queue depth for the source).
-constexpr size_t kReadBatchChunks = 4;  // 8 measured no faster (and costs 2 MiB more)
+constexpr size_t kReadBatchChunks = 4;  // docs/BENCHMARKS.md, "Design measurements"
 // Bounds of the buffer pool: at least this much for read-ahead, at most this much however
 // many workers there are. Keeps a default conversion far below 64 MiB of resident memory.
 constexpr size_t kMinPoolBytes = size_t{8} << 20;
@@ -132,8 +132,7 @@ class Pipeline {
  private:
   // Workers beyond the compressors only pay off when they read (and decompress) the
   // source themselves: otherwise they would just take turns with the compressors (each
-  // hand-over a wake-up and a switch; 4 workers sharing 2 zstd compressors took 1.3 s
-  // where 2 took 1.1 s).
+  // hand-over a wake-up and a switch; docs/BENCHMARKS.md, "Design measurements").
   static size_t Workers(size_t requested, size_t compressors, bool compress, bool workers_read) {
     if (requested == 0) return compressors;
     if (compress && !workers_read) return std::min(requested, compressors);

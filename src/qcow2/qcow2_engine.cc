@@ -22,27 +22,6 @@ using format::HostCluster;
 using format::HostOffset;
 using format::L2Entry;
 
-CompressedWriteCache::Options CacheOptions(const IoOptions& io, bool direct_io,
-                                           uint64_t cluster_size) {
-  CompressedWriteCache::Options options;
-  switch (io.write_cache) {
-    case IoOptions::WriteCache::kOn:
-      options.enabled = true;
-      break;
-    case IoOptions::WriteCache::kOff:
-      options.enabled = false;
-      break;
-    case IoOptions::WriteCache::kAuto:
-      // Dropping written data from the page cache costs a sync per write: with the cache
-      // that is one per finished run of host clusters, not one per compressed cluster.
-      options.enabled = direct_io || io.drop_page_cache;
-      break;
-  }
-  options.max_clusters = std::max<size_t>(1, io.write_cache_bytes / cluster_size);
-  options.drop_page_cache = io.drop_page_cache;
-  return options;
-}
-
 // One decompressor per thread and compression type.
 codec::Decompressor* ThreadDecompressor(Compression type) {
   thread_local std::array<std::unique_ptr<codec::Decompressor>, 2> decompressors;
@@ -98,11 +77,9 @@ Qcow2Image::Qcow2Image(Parts parts)
       writable_(parts.writable),
       file_size_at_open_(parts.file_size),
       header_cluster_(std::move(parts.header_cluster)) {
-  write_cache_ =
-      CompressedWriteCache::Create(file_.get(), static_cast<uint32_t>(cluster_size_),
-                                   CacheOptions(parts.io, file_->direct_io(), cluster_size_));
-  cache_normal_clusters_ =
-      write_cache_->enabled() && cluster_size_ % std::max<size_t>(file_->alignment(), 1) == 0;
+  const auto cluster_size = static_cast<uint32_t>(cluster_size_);
+  store_ = ClusterStore::Create(file_.get(), cluster_size,
+                                ClusterStore::OptionsFor(parts.io, *file_, cluster_size));
   metadata_cache_ = std::make_unique<MetadataCache>(parts.io.metadata_cache_bytes,
                                                     static_cast<uint32_t>(cluster_size_));
   cluster_map_ =
@@ -114,8 +91,7 @@ Qcow2Image::Qcow2Image(Parts parts)
     refcounts_ = std::make_unique<Refcounts>(
         file_.get(), metadata_cache_.get(), refcount_geometry, parts.refcount_table_offset,
         parts.refcount_table_clusters, std::move(parts.refcount_table), parts.next_free);
-    allocator_ =
-        std::make_unique<CompressedAllocator>(geometry_, refcounts_.get(), write_cache_.get());
+    placement_ = std::make_unique<CompressedPlacement>(geometry_, refcounts_.get(), store_.get());
   }
 }
 
@@ -190,7 +166,7 @@ Status Qcow2Image::ReadCompressed(const L2Entry& entry, std::span<uint8_t> clust
   // Per-thread scratch: readers (convert workers) decompress cluster after cluster.
   thread_local std::vector<uint8_t> compressed;
   compressed.resize(entry.compressed_span);
-  ZQ_RETURN_IF_ERROR(write_cache_->Read(entry.host_offset.value(), compressed));
+  ZQ_RETURN_IF_ERROR(store_->Read(entry.host_offset.value(), compressed));
   return DecompressCluster(entry, compressed, cluster);
 }
 
@@ -241,7 +217,7 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, uint64_t gu
       }
       // Consecutive host clusters hold consecutive guest clusters: straight into `out`.
       ZQ_RETURN_IF_ERROR(
-          write_cache_->Read(start, out.subspan(i * cluster_size_, (end - i) * cluster_size_)));
+          store_->Read(start, out.subspan(i * cluster_size_, (end - i) * cluster_size_)));
       i = end;
       continue;
     }
@@ -286,7 +262,7 @@ Status Qcow2Image::ReadWholeClusters(std::span<const uint64_t> raws, uint64_t gu
       group = io::AlignedBuffer(std::max(read_length, kReadGroupBytes + 2 * alignment),
                                 std::max<size_t>(alignment, io::kBufferAlignment));
     }
-    ZQ_RETURN_IF_ERROR(write_cache_->Read(read_start, group.span().first(read_length)));
+    ZQ_RETURN_IF_ERROR(store_->Read(read_start, group.span().first(read_length)));
     for (size_t k = i; k < end; ++k) {
       const L2Entry& entry = entries[k];
       const std::span<const uint8_t> compressed(
@@ -321,7 +297,7 @@ Status Qcow2Image::ReadFromEntry(uint64_t raw, uint64_t guest_offset, std::span<
   }
   // The cache holds normal clusters not yet written (and reads the file, aligned, for the
   // others).
-  return write_cache_->Read(entry.host_offset.value() + in_cluster, out);
+  return store_->Read(entry.host_offset.value() + in_cluster, out);
 }
 
 Status Qcow2Image::Read(uint64_t guest_offset, std::span<uint8_t> out) {
@@ -454,9 +430,10 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
   const uint64_t valid = std::min<uint64_t>(cluster_size_, header_.size - cluster_start);
   std::span<const uint8_t> whole = data;
   io::AlignedBuffer buffer;
-  // A whole cluster goes to the cache as it is (the cache copies it); a direct write needs
+  // A whole cluster goes to the store as it is (the store copies it); a direct write needs
   // an aligned buffer.
-  if (in_cluster != 0 || data.size() < cluster_size_ || !cache_normal_clusters_) {
+  const bool to_store = store_->holds_normal_clusters();
+  if (in_cluster != 0 || data.size() < cluster_size_ || !to_store) {
     buffer = io::AlignedBuffer(cluster_size_);
     if (in_cluster != 0 || data.size() < valid) {
       Status s = ReadFromEntry(old_raw, cluster_start, buffer.span().first(valid));
@@ -466,12 +443,12 @@ Status Qcow2Image::WriteOneCluster(GuestCluster cluster, uint64_t in_cluster,
     whole = buffer.span();
   }
   Status s;
-  if (cache_normal_clusters_) {
-    // Through the cache: its writer thread writes the cluster, joined with its neighbours.
-    // An in-place cluster may still be cached (or in flight) from its first write: Rewrite
+  if (to_store) {
+    // Through the store: its writer thread writes the cluster, joined with its neighbours.
+    // An in-place cluster may still be held (or in flight) from its first write: Rewrite
     // replaces its bytes in one step, so no reader or flush sees it without them, and a
     // write of the old bytes never lands after the new ones.
-    s = in_place ? write_cache_->Rewrite(host, whole) : write_cache_->Write(host, whole);
+    s = in_place ? store_->Rewrite(host, whole) : store_->Write(host, whole);
   } else {
     s = file_->WriteAt(host, whole.data(), cluster_size_);
   }
@@ -537,21 +514,11 @@ Status Qcow2Image::WriteCompressedBatch(std::span<const CompressedCluster> clust
       Status s = cluster_map_->EnsureL2(guest_cluster(cluster), refcounts_.get());
       if (!s.ok()) return FailLocked(s);
     }
-    // One batch for the allocator: a piece may fill the tail of a cluster an earlier
-    // piece of the batch had to leave behind.
-    allocator_->BeginBatch();
-    Status allocated_all;
-    for (size_t i = 0; i < clusters.size() && allocated_all.ok(); ++i) {
-      auto allocated = allocator_->Allocate(clusters[i].data.size());
-      allocated_all = allocated.status();
-      if (allocated.ok()) hosts[i] = *allocated;
-    }
-    Status ended = allocator_->EndBatch();
-    if (!allocated_all.ok()) return FailLocked(allocated_all);
-    if (!ended.ok()) return FailLocked(ended);
+    Status placed = placement_->PlaceBatch(clusters, hosts);
+    if (!placed.ok()) return FailLocked(placed);
   }
-  // The data reaches the cache before any L2 entry points at it.
-  Status s = WriteCompressedRuns(clusters, hosts);
+  // The data reaches the store before any L2 entry points at it.
+  Status s = store_->WriteBatch(clusters, hosts);
   if (!s.ok()) return Fail(s);
 
   std::lock_guard lock(mutex_);
@@ -563,54 +530,6 @@ Status Qcow2Image::WriteCompressedBatch(std::span<const CompressedCluster> clust
   }
   if (s.ok()) s = MaybeFlushLocked();
   return FailLocked(s);
-}
-
-Status Qcow2Image::WriteCompressedRuns(std::span<const CompressedCluster> clusters,
-                                       std::span<const HostOffset> hosts) {
-  // Per-thread scratch for runs whose pieces are not adjacent in memory, and the pieces'
-  // order by host offset.
-  thread_local std::vector<uint8_t> staging;
-  thread_local std::vector<size_t> order;
-  if (!write_cache_->enabled()) {
-    for (size_t i = 0; i < clusters.size(); ++i) {
-      ZQ_RETURN_IF_ERROR(write_cache_->Write(hosts[i].value(), clusters[i].data));
-    }
-    return Status::OK();
-  }
-  // The cache's progress rule needs each thread's pieces in host-offset order: a piece
-  // placed in a hole (CompressedAllocator) lies below the pieces allocated before it.
-  order.resize(clusters.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  if (!std::is_sorted(hosts.begin(), hosts.end())) {
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return hosts[a] < hosts[b]; });
-  }
-  size_t first = 0;
-  while (first < order.size()) {
-    // The longest run [first, end) of the order whose pieces lie back to back in the file.
-    const CompressedCluster& head = clusters[order[first]];
-    const uint64_t run_start = hosts[order[first]].value();
-    uint64_t run_end = run_start + head.data.size();
-    bool adjacent_in_memory = true;
-    size_t end = first + 1;
-    for (; end < order.size() && hosts[order[end]].value() == run_end; ++end) {
-      const std::span<const uint8_t>& previous = clusters[order[end - 1]].data;
-      const std::span<const uint8_t>& next = clusters[order[end]].data;
-      adjacent_in_memory = adjacent_in_memory && next.data() == previous.data() + previous.size();
-      run_end += next.size();
-    }
-    std::span<const uint8_t> run(head.data.data(), run_end - run_start);
-    if (!adjacent_in_memory) {
-      staging.clear();
-      for (size_t k = first; k < end; ++k) {
-        const std::span<const uint8_t>& piece = clusters[order[k]].data;
-        staging.insert(staging.end(), piece.begin(), piece.end());
-      }
-      run = staging;
-    }
-    ZQ_RETURN_IF_ERROR(write_cache_->Write(run_start, run));
-    first = end;
-  }
-  return Status::OK();
 }
 
 Status Qcow2Image::ReplaceWholeClusters(uint64_t first, uint64_t count, uint64_t raw,

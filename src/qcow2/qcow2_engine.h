@@ -11,13 +11,13 @@
 // *OnFile entry points refuse such a file with kNotSupported.
 //
 // Locking: one metadata mutex guards the L1 table, the metadata cache (L2 tables and
-// refcount blocks), the refcounts, the compressed allocator, the header and the error
-// state. Data I/O (normal cluster reads/writes, compressed write cache writes and reads)
-// runs outside it. Flush runs entirely under it.
+// refcount blocks), the refcounts, the compressed placement, the header and the error
+// state. Data I/O (normal cluster reads/writes, the cluster store's writes and reads) runs
+// outside it. Flush runs entirely under it.
 //
 // Ordering of a write: allocate under the lock (refcount +1 first), write the data outside
 // it, then set the L2 entry under the lock. So an L2 entry in memory always points at data
-// that has been handed to the file (or to the write cache). References dropped by an L2
+// that has been handed to the file (or to the cluster store). References dropped by an L2
 // change are released by a DEFERRED decrement, applied only after the L2 change is on disk
 // (see Flush order in qcow2_flush.cc): a crash leaves leaks, never a reference to a cluster
 // whose refcount on disk is 0.
@@ -42,8 +42,7 @@
 #include "io/file.h"
 #include "qcow2/backing.h"
 #include "qcow2/cluster_map.h"
-#include "qcow2/compressed_allocator.h"
-#include "qcow2/compressed_write_cache.h"
+#include "qcow2/cluster_store.h"
 #include "qcow2/metadata_cache.h"
 #include "qcow2/refcounts.h"
 #include "zqcow/image.h"
@@ -107,11 +106,10 @@ class Qcow2Image final : public Image {
   Status Read(uint64_t guest_offset, std::span<uint8_t> out) override;
   Status Write(uint64_t guest_offset, std::span<const uint8_t> data) override;
   Status WriteCompressed(uint64_t guest_offset, std::span<const uint8_t> compressed) override;
-  // Checks every argument, then one metadata-lock section EnsureL2s and allocates the whole
-  // batch (back to back, in order); the data goes to the write cache as one Write per run of
-  // pieces adjacent in the file (each thread's pieces in allocation order, as the cache
-  // requires); then one lock section sets every L2 entry (and flushes if a bound is
-  // exceeded). WriteCompressed is a batch of one.
+  // Checks every argument, then one metadata-lock section EnsureL2s and places the whole
+  // batch (CompressedPlacement::PlaceBatch); the data goes to the store outside the lock
+  // (ClusterStore::WriteBatch); then one lock section sets every L2 entry (and flushes if a
+  // bound is exceeded). WriteCompressed is a batch of one. See cluster_store.h.
   Status WriteCompressedBatch(std::span<const CompressedCluster> clusters) override;
   Status WriteZeroes(uint64_t guest_offset, uint64_t length) override;
   Status Discard(uint64_t guest_offset, uint64_t length) override;
@@ -165,13 +163,6 @@ class Qcow2Image final : public Image {
                          std::span<const uint8_t> data);
   // Argument checks of WriteCompressed / WriteCompressedBatch.
   Status CheckCompressedCluster(const CompressedCluster& cluster) const;
-  // Hands the pieces (clusters[i].data at hosts[i]) to the write cache: one Write per run of
-  // pieces that are back to back in the file (copied together first unless they are also
-  // back to back in memory). With the cache disabled, one Write per piece: combining
-  // pieces is the cache's job, and the disabled mode is the baseline QEMU's writes give
-  // (every compressed cluster written on its own). No lock held.
-  Status WriteCompressedRuns(std::span<const CompressedCluster> clusters,
-                             std::span<const format::HostOffset> hosts);
   class ClusterWriteGuard;
   // Sets the L2 entry of `cluster` to `raw` and releases what the old entry referenced.
   Status ReplaceEntryLocked(format::GuestCluster cluster, uint64_t raw);
@@ -202,11 +193,9 @@ class Qcow2Image final : public Image {
   const uint64_t cluster_size_;
   const bool writable_;
   const uint64_t file_size_at_open_;
-  std::unique_ptr<CompressedWriteCache> write_cache_;
-  // Normal (uncompressed) clusters go through the write cache too, so workers never wait
-  // for their writes: the cache is on and a cluster is a whole number of the file's
-  // alignment blocks (a smaller cluster would share a block with metadata). Set once.
-  bool cache_normal_clusters_ = false;
+  // Where data clusters go on their way to the file (compressed ones, and normal ones when
+  // it holds_normal_clusters()).
+  std::unique_ptr<ClusterStore> store_;
 
   mutable std::mutex mutex_;
   // Guest clusters a WriteOneCluster is working on (guarded by mutex_).
@@ -217,7 +206,7 @@ class Qcow2Image final : public Image {
   std::unique_ptr<MetadataCache> metadata_cache_;
   std::unique_ptr<Refcounts> refcounts_;  // writable only
   std::unique_ptr<ClusterMap> cluster_map_;
-  std::unique_ptr<CompressedAllocator> allocator_;  // writable only
+  std::unique_ptr<CompressedPlacement> placement_;  // writable only
   // The backing chain (read-only); null when none. Unallocated clusters read from it, so
   // every write path keeps them hidden where the guest wrote or zeroed (see WriteZeroes).
   std::unique_ptr<BackingFile> backing_;

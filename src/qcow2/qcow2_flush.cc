@@ -28,13 +28,13 @@ Status Qcow2Image::WriteHeaderLocked() {
 }
 
 Status Qcow2Image::DoFlushLocked() {
-  ZQ_RETURN_IF_ERROR(write_cache_->Flush());
+  ZQ_RETURN_IF_ERROR(store_->Flush());
   // Readers read whole sectors of compressed data: the file must reach the end of the
   // sector holding the last compressed byte. Extend it to the end of the allocated area,
   // never less: normal-cluster writes run outside the lock and may be extending the file
   // right now, and a truncate to anything below their end would cut their data off. Every
   // write in flight ends at or before HostLimitLocked().
-  uint64_t needed = io::AlignUp(allocator_->high_water(), format::kSectorSize);
+  uint64_t needed = io::AlignUp(placement_->high_water(), format::kSectorSize);
   if (needed > 0) {
     ZQ_ASSIGN_OR_RETURN(uint64_t size, file_->Size());
     if (size < needed) ZQ_RETURN_IF_ERROR(file_->Truncate(std::max(needed, HostLimitLocked())));
@@ -68,8 +68,7 @@ Status Qcow2Image::DoFlushLocked() {
 
   if (refcounts_->pending_decrements() > 0) {
     ZQ_RETURN_IF_ERROR(refcounts_->ApplyDecrements([this](format::HostCluster cluster) {
-      allocator_->OnClusterFreed(cluster);
-      write_cache_->Discard(geometry_.host_offset(cluster).value());
+      placement_->OnClusterFreed(cluster);  // and from the store
     }));
     wrote = false;
     ZQ_RETURN_IF_ERROR(refcounts_->WriteDirtyBlocks(&wrote));
@@ -153,7 +152,7 @@ Status Qcow2Image::CloseLocked(bool clear_dirty) {
   }
   closed_ = true;
   close_status_ = s;
-  write_cache_.reset();
+  store_.reset();
   file_.reset();
   return s;
 }

@@ -1,17 +1,20 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 
-#include "qcow2/compressed_allocator.h"
+// CompressedPlacement: step 1 of the compressed write path (see cluster_store.h).
+
+#include "qcow2/cluster_store.h"
 
 #include <algorithm>
+#include <string>
 
 namespace zqcow::qcow2 {
 
-Status CompressedAllocator::CloseCluster(format::HostCluster cluster, uint64_t end) {
+Status CompressedPlacement::CloseCluster(format::HostCluster cluster, uint64_t end) {
   // No piece will arrive at or beyond `end`.
-  return cache_->SetClusterEnd(geometry_.host_offset(cluster).value(), static_cast<uint32_t>(end));
+  return store_->SetClusterEnd(geometry_.host_offset(cluster).value(), static_cast<uint32_t>(end));
 }
 
-Result<format::HostOffset> CompressedAllocator::StartFresh(uint64_t length, bool may_be_hole) {
+Result<format::HostOffset> CompressedPlacement::StartFresh(uint64_t length, bool may_be_hole) {
   if (current_ && current_end_ < geometry_.cluster_size()) {
     // The cluster we leave: a hole for the rest of the batch, or closed now.
     if (in_batch_ && may_be_hole) {
@@ -29,7 +32,7 @@ Result<format::HostOffset> CompressedAllocator::StartFresh(uint64_t length, bool
   return start;
 }
 
-Result<std::optional<format::HostOffset>> CompressedAllocator::AllocateInHole(uint64_t length) {
+Result<std::optional<format::HostOffset>> CompressedPlacement::AllocateInHole(uint64_t length) {
   const uint64_t cluster_size = geometry_.cluster_size();
   Hole* best = nullptr;
   for (Hole& hole : holes_) {
@@ -52,7 +55,7 @@ Result<std::optional<format::HostOffset>> CompressedAllocator::AllocateInHole(ui
   return std::optional<format::HostOffset>(start);
 }
 
-Status CompressedAllocator::EndBatch() {
+Status CompressedPlacement::EndBatch() {
   in_batch_ = false;
   Status status;
   for (const Hole& hole : holes_) {
@@ -63,7 +66,7 @@ Status CompressedAllocator::EndBatch() {
   return status;
 }
 
-Result<format::HostOffset> CompressedAllocator::Allocate(uint64_t length) {
+Result<format::HostOffset> CompressedPlacement::Allocate(uint64_t length) {
   const uint64_t cluster_size = geometry_.cluster_size();
   if (!holes_.empty()) {
     ZQ_ASSIGN_OR_RETURN(std::optional<format::HostOffset> in_hole, AllocateInHole(length));
@@ -87,7 +90,7 @@ Result<format::HostOffset> CompressedAllocator::Allocate(uint64_t length) {
     if (refcounts_->next_free() != next) return StartFresh(length);
     ZQ_ASSIGN_OR_RETURN(format::HostCluster allocated, refcounts_->Allocate(1));
     if (allocated != next) {
-      return Status::Corruption("compressed allocator: expected host cluster " +
+      return Status::Corruption("compressed placement: expected host cluster " +
                                 std::to_string(next.value()) + ", got " +
                                 std::to_string(allocated.value()));
     }
@@ -99,9 +102,25 @@ Result<format::HostOffset> CompressedAllocator::Allocate(uint64_t length) {
   return start;
 }
 
-void CompressedAllocator::OnClusterFreed(format::HostCluster cluster) {
+void CompressedPlacement::OnClusterFreed(format::HostCluster cluster) {
   if (current_ && *current_ == cluster) current_.reset();
   std::erase_if(holes_, [cluster](const Hole& hole) { return hole.cluster == cluster; });
+  store_->Discard(geometry_.host_offset(cluster).value());
+}
+
+Status CompressedPlacement::PlaceBatch(std::span<const CompressedCluster> clusters,
+                                       std::span<format::HostOffset> hosts) {
+  // One batch: a piece may fill the tail of a cluster an earlier piece of the batch had to
+  // leave behind.
+  BeginBatch();
+  Status placed_all;
+  for (size_t i = 0; i < clusters.size() && placed_all.ok(); ++i) {
+    Result<format::HostOffset> placed = Allocate(clusters[i].data.size());
+    placed_all = placed.status();
+    if (placed.ok()) hosts[i] = *placed;
+  }
+  Status ended = EndBatch();
+  return placed_all.ok() ? ended : placed_all;
 }
 
 }  // namespace zqcow::qcow2
