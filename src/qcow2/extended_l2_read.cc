@@ -50,7 +50,7 @@ Status Qcow2Image::ReadExtended(uint64_t guest_offset, std::span<uint8_t> out) {
       std::span<uint8_t> part = out.subspan(done + (pos - in_cluster), run_end - pos);
       switch (run.kind) {
         case L2Entry::Kind::kNormal:
-          ZQ_RETURN_IF_ERROR(write_cache_->Read(entry.host_offset.value() + pos, part));
+          ZQ_RETURN_IF_ERROR(store_->Read(entry.host_offset.value() + pos, part));
           break;
         case L2Entry::Kind::kZero:
           std::memset(part.data(), 0, part.size());
