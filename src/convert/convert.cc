@@ -197,8 +197,16 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                       convert::OpenSource(source, {.format = options.source_format,
                                                    .direct_io = options.source_direct_io,
                                                    .force_share = options.force_share,
-                                                   .bitmap = options.bitmap}));
+                                                   .bitmap = options.bitmap,
+                                                   .snapshot = options.source_snapshot,
+                                                   .snapshot_id = options.source_snapshot_id,
+                                                   .snapshot_name = options.source_snapshot_name}));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
+  convert::SalvageCounters salvaged;
+  if (options.salvage) input = convert::SalvageReadErrors(std::move(input), &salvaged);
+  if (options.read_rate_limit != 0) {
+    input = convert::LimitReadRate(std::move(input), options.read_rate_limit);
+  }
   ZQ_ASSIGN_OR_RETURN(convert::TargetPaths paths, convert::PlanTarget(target, options));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));
 
@@ -271,6 +279,8 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   stats.clusters_unchanged = totals.clusters_unchanged;
   stats.content_digest = totals.content_digest.ToString();
   stats.resumed_bytes = resumed_bytes;
+  stats.read_errors = salvaged.errors;
+  stats.unreadable_bytes = salvaged.bytes;
   stats.output_file_size = FileSize(paths.target);
   stats.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();

@@ -134,6 +134,15 @@ Result<ResumeRecord> DescribeConversion(const Source& source, const ConvertOptio
       {"bitmap", options.bitmap},
   };
   const std::vector<std::string> files = source.files();
+  // Only when set, so that records of conversions without them stay as they were.
+  if (options.version != 3) record.emplace_back("version", std::to_string(options.version));
+  if (!options.source_snapshot.empty()) record.emplace_back("snapshot", options.source_snapshot);
+  if (!options.source_snapshot_id.empty()) {
+    record.emplace_back("snapshot.id", options.source_snapshot_id);
+  }
+  if (!options.source_snapshot_name.empty()) {
+    record.emplace_back("snapshot.name", options.source_snapshot_name);
+  }
   record.emplace_back("source.files", std::to_string(files.size()));
   for (size_t i = 0; i < files.size(); ++i) {
     const std::string prefix = kSourcePrefix + std::to_string(i) + ".";

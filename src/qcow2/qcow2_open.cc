@@ -13,6 +13,7 @@
 #include "format/endian.h"
 #include "format/header.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "qcow2/backing.h"
 #include "qcow2/cluster_io.h"
 #include "qcow2/qcow2_engine.h"
@@ -49,6 +50,50 @@ Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,
   return uint64_t{0};
 }
 
+bool WantsSnapshot(const OpenOptions& options) {
+  return !options.snapshot.empty() || !options.snapshot_id.empty() ||
+         !options.snapshot_name.empty();
+}
+
+// The snapshot `options` selects, found as QEMU finds it (find_snapshot_by_id_and_name,
+// and for `snapshot` by id first, then by name).
+Result<format::Snapshot> FindSnapshot(io::File* file, const format::Header& header,
+                                      uint64_t file_size, const OpenOptions& options) {
+  auto read_at = [file](uint64_t offset, std::span<uint8_t> buffer) -> Status {
+    auto read = file->ReadAt(offset, buffer.data(), buffer.size());
+    return read.ok() ? Status::OK() : read.status();
+  };
+  ZQ_ASSIGN_OR_RETURN(format::SnapshotTable table,
+                      format::ReadSnapshotTable(header, file_size, read_at));
+  auto find = [&table](const std::string& id, const std::string& name) -> const format::Snapshot* {
+    for (const format::Snapshot& snapshot : table.snapshots) {
+      if ((id.empty() || snapshot.id == id) && (name.empty() || snapshot.name == name)) {
+        return &snapshot;
+      }
+    }
+    return nullptr;
+  };
+  const format::Snapshot* found = nullptr;
+  std::string wanted;
+  if (!options.snapshot.empty()) {
+    found = find(options.snapshot, "");
+    if (found == nullptr) found = find("", options.snapshot);
+    wanted = "with id or name '" + options.snapshot + "'";
+  } else {
+    found = find(options.snapshot_id, options.snapshot_name);
+    if (!options.snapshot_id.empty()) wanted = "with id '" + options.snapshot_id + "'";
+    if (!options.snapshot_name.empty()) {
+      wanted += (wanted.empty() ? "with" : " and") + std::string(" name '") +
+                options.snapshot_name + "'";
+    }
+  }
+  if (found == nullptr) {
+    return Status::NotFound(file->path() + ": no internal snapshot " + wanted + " (" +
+                            std::to_string(table.snapshots.size()) + " snapshots)");
+  }
+  return *found;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
@@ -68,6 +113,18 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   format::Header header = std::move(parsed).value();
 
   const bool has_backing = header.backing_file_offset != 0 || !header.backing_file.empty();
+  if (WantsSnapshot(options)) {
+    if (options.writable) {
+      return Status::NotSupported(path + ": an internal snapshot can only be opened read-only");
+    }
+    ZQ_ASSIGN_OR_RETURN(format::Snapshot snapshot,
+                        FindSnapshot(file.get(), header, file_size, options));
+    // As QEMU's qcow2_snapshot_load_tmp: the snapshot's L1 table and size (an old entry
+    // without disk_size has the image's).
+    header.l1_table_offset = snapshot.l1_table_offset;
+    header.l1_size = snapshot.l1_size;
+    header.size = snapshot.disk_size.value_or(header.size);
+  }
   if (options.writable && header.nb_snapshots != 0) {
     return Status::NotSupported(path +
                                 ": writing to an image with internal snapshots is not "
