@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "format/endian.h"
 #include "format/header.h"
@@ -113,17 +114,21 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   format::Header header = std::move(parsed).value();
 
   const bool has_backing = header.backing_file_offset != 0 || !header.backing_file.empty();
+  std::optional<uint32_t> snapshot_l1_entries;  // a snapshot's L1 table, of this many entries
   if (WantsSnapshot(options)) {
     if (options.writable) {
       return Status::NotSupported(path + ": an internal snapshot can only be opened read-only");
     }
     ZQ_ASSIGN_OR_RETURN(format::Snapshot snapshot,
                         FindSnapshot(file.get(), header, file_size, options));
-    // As QEMU's qcow2_snapshot_load_tmp: the snapshot's L1 table and size (an old entry
-    // without disk_size has the image's).
+    // As QEMU's qcow2_snapshot_load_tmp: the snapshot's L1 table replaces the active one;
+    // the virtual size stays the image's (what lies past the snapshot's L1 table reads as
+    // unallocated: zeros, or the backing file's data).
     header.l1_table_offset = snapshot.l1_table_offset;
-    header.l1_size = snapshot.l1_size;
-    header.size = snapshot.disk_size.value_or(header.size);
+    snapshot_l1_entries = snapshot.l1_size;
+    header.l1_size = std::max<uint32_t>(
+        snapshot.l1_size,
+        static_cast<uint32_t>(format::Geometry{header.cluster_bits}.l1_size_for(header.size)));
   }
   if (options.writable && header.nb_snapshots != 0) {
     return Status::NotSupported(path +
@@ -163,8 +168,9 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   }
   const uint64_t l1_bytes =
       io::AlignUp(std::max<uint64_t>(uint64_t{header.l1_size} * 8, 1), cluster_size);
+  const uint64_t l1_stored_entries = snapshot_l1_entries.value_or(header.l1_size);
   if (header.l1_table_offset % cluster_size != 0 ||
-      header.l1_table_offset + uint64_t{header.l1_size} * 8 > file_size) {
+      header.l1_table_offset + l1_stored_entries * 8 > file_size) {
     return Status::Corruption(path + ": L1 table at offset " + Hex(header.l1_table_offset) +
                               " with " + std::to_string(header.l1_size) +
                               " entries lies past the end of the file");
@@ -177,8 +183,20 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                               std::to_string(header.refcount_table_clusters) +
                               " clusters) lies past the end of the file");
   }
-  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer l1,
-                      ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  io::AlignedBuffer l1;
+  if (!snapshot_l1_entries) {
+    ZQ_ASSIGN_OR_RETURN(l1, ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  } else {
+    // A snapshot's table may be shorter than the size needs: the rest is unallocated.
+    l1 = io::AlignedBuffer(l1_bytes);  // zero-filled
+    const uint64_t stored_bytes = l1_stored_entries * 8;
+    if (stored_bytes > 0) {
+      ZQ_ASSIGN_OR_RETURN(
+          io::AlignedBuffer stored,
+          ReadTable(file.get(), header.l1_table_offset, io::AlignUp(stored_bytes, cluster_size)));
+      std::memcpy(l1.data(), stored.data(), stored_bytes);
+    }
+  }
   ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer header_cluster, ReadTable(file.get(), 0, cluster_size));
 
   Qcow2Image::Parts parts;
