@@ -58,34 +58,6 @@ struct ConvertArgs {
   bool bitmaps = false;        // --bitmaps: refused
 };
 
-// -l as qemu-img parses it: "snapshot.id=ID[,snapshot.name=NAME]" (either key, any order),
-// or a bare id-or-name, which then means what -s means.
-Status ApplySnapshotParam(const std::string& text, ConvertOptions& options) {
-  if (text.rfind("snapshot.", 0) != 0) {
-    options.source_snapshot = text;
-    return Status::OK();
-  }
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t comma = text.find(',', start);
-    if (comma == std::string::npos) comma = text.size();
-    const std::string pair = text.substr(start, comma - start);
-    const size_t eq = pair.find('=');
-    const std::string key = pair.substr(0, eq);
-    const std::string value = eq == std::string::npos ? "" : pair.substr(eq + 1);
-    if (key == "snapshot.id" && !value.empty()) {
-      options.source_snapshot_id = value;
-    } else if (key == "snapshot.name" && !value.empty()) {
-      options.source_snapshot_name = value;
-    } else {
-      return Status::InvalidArgument(fmt::format(
-          "-l: '{}' is not snapshot.id=ID or snapshot.name=NAME (in '{}')", pair, text));
-    }
-    start = comma + 1;
-  }
-  return Status::OK();
-}
-
 // What qemu-img convert options zqcow cannot honour, refused by name.
 Status RefuseUnsupported(const ConvertArgs& args) {
   if (args.copy_offload) {

@@ -26,6 +26,7 @@ Subcommand AddCompareCommand(CLI::App& parent);
 Subcommand AddMapCommand(CLI::App& parent);
 Subcommand AddBackupCommand(CLI::App& parent);
 Subcommand AddVerifyCommand(CLI::App& parent);
+Subcommand AddMeasureCommand(CLI::App& parent);
 
 }  // namespace zqcow::cli
 

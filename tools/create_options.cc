@@ -142,6 +142,32 @@ Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOp
   return Status::OK();
 }
 
+Status ApplySnapshotParam(const std::string& text, ConvertOptions& options) {
+  if (text.rfind("snapshot.", 0) != 0) {
+    options.source_snapshot = text;
+    return Status::OK();
+  }
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    const std::string pair = text.substr(start, comma - start);
+    const size_t eq = pair.find('=');
+    const std::string key = pair.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : pair.substr(eq + 1);
+    if (key == "snapshot.id" && !value.empty()) {
+      options.source_snapshot_id = value;
+    } else if (key == "snapshot.name" && !value.empty()) {
+      options.source_snapshot_name = value;
+    } else {
+      return Status::InvalidArgument(fmt::format(
+          "-l: '{}' is not snapshot.id=ID or snapshot.name=NAME (in '{}')", pair, text));
+    }
+    start = comma + 1;
+  }
+  return Status::OK();
+}
+
 Result<bool> ParseCacheMode(std::string_view mode, std::string_view flag) {
   if (mode == "none" || mode == "directsync") return true;
   if (mode == "writeback" || mode == "writethrough" || mode == "unsafe") return false;

@@ -29,6 +29,11 @@ inline constexpr const char* kCreateOptionsHelp =
 // pairs and out-of-range values are kInvalidArgument naming the key and the value.
 Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOptions& options);
 
+// -l as qemu-img parses it: "snapshot.id=ID[,snapshot.name=NAME]" (either key, any order)
+// sets options.source_snapshot_id/_name; anything else is an id or a name, as -s, and sets
+// options.source_snapshot. A malformed key=value is kInvalidArgument naming it.
+Status ApplySnapshotParam(const std::string& text, ConvertOptions& options);
+
 // Whether a -t/-T cache mode means O_DIRECT: "none"/"directsync" => true, "writeback",
 // "writethrough" and "unsafe" => false (docs/CLI.md says what else each means); anything
 // else is kInvalidArgument. `flag` ("-t"/"-T") names it in the error.

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   std::vector<Subcommand> commands = {AddConvertCommand(app), AddInfoCommand(app),
                                       AddCheckCommand(app), AddCompareCommand(app),
                                       AddMapCommand(app), AddBackupCommand(app),
-                                      AddVerifyCommand(app)};
+                                      AddVerifyCommand(app), AddMeasureCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
     }
     if (!any_parsed && argc > 1 && argv[1][0] != '-') {
       PrintError(std::string("unknown subcommand '") + argv[1] +
-                 "' (expected convert, info, check, compare, map, backup or verify; see zqcow --help)");
+                 "' (expected convert, info, check, compare, map, measure, backup or verify; see zqcow --help)");
       return exit_code;
     }
     PrintError(DescribeParseError(parsed, argc, argv, e));
