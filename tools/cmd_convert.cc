@@ -173,6 +173,9 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   // -t unsafe: qemu-img never flushes; zqcow takes no checkpoints (only the final sync
   // that makes the finished image durable before it is renamed into place).
   if (args.target_cache == "unsafe") options.checkpoint_seconds = 0;
+  // writethrough, directsync: qemu-img flushes after every write; O_DSYNC does that.
+  options.target_io.sync_writes =
+      args.target_cache == "writethrough" || args.target_cache == "directsync";
   options.workers = args.workers;
   options.out_of_order = !args.in_order;
   options.overwrite = args.force;
@@ -266,8 +269,8 @@ Subcommand AddConvertCommand(CLI::App& parent) {
                   "compression_level=N, cluster_size=SIZE, refcount_bits=N ('-o help' lists them)")
       ->allow_extra_args(false);
   app->add_option("-t", args->target_cache,
-                  "Target cache mode: none/directsync (O_DIRECT), writeback (default), "
-                  "writethrough, unsafe (no checkpoints); see docs/CLI.md");
+                  "Target cache mode: none (O_DIRECT), directsync (O_DIRECT + O_DSYNC), "
+                  "writeback (default), writethrough (O_DSYNC), unsafe (no checkpoints)");
   app->add_option("-T", args->source_cache,
                   "Source cache mode: none/directsync (O_DIRECT), writeback (default), "
                   "writethrough, unsafe");

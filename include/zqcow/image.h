@@ -53,6 +53,9 @@ struct CreateOptions {
 
 struct IoOptions {
   bool direct_io = false;               // O_DIRECT on the image file
+  // Writable images: every write is durable when it completes (O_DSYNC), as QEMU's
+  // writethrough and directsync cache modes flush after each write.
+  bool sync_writes = false;
   bool use_io_uring = true;             // when the kernel allows it
   // Compressed write cache (see src/qcow2/compressed_write_cache.h). kAuto = on for
   // O_DIRECT files and with drop_page_cache, off for other buffered ones.

@@ -252,6 +252,7 @@ Result<std::unique_ptr<Image>> CreateTarget(const std::string& path, const Conve
     file_options.exclusive = !options.overwrite;
     file_options.truncate = options.overwrite;
     file_options.direct_io = options.target_io.direct_io;
+    file_options.sync_writes = options.target_io.sync_writes;
     file_options.use_io_uring = options.target_io.use_io_uring;
     ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, io::OpenFile(path, file_options));
     return qcow2::CreateImageOnFile(options.wrap_target_file(std::move(file)), create,
