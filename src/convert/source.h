@@ -82,6 +82,36 @@ class Source {
   virtual Status Close() = 0;
 };
 
+// A Source that forwards everything to `base`: the base of wrappers that change a part
+// (SalvageReadErrors, LimitReadRate, SkipPresentRanges).
+class ForwardingSource : public Source {
+ public:
+  explicit ForwardingSource(std::unique_ptr<Source> base) : base_(std::move(base)) {}
+  const std::string& path() const override { return base_->path(); }
+  const char* format() const override { return base_->format(); }
+  uint64_t size() const override { return base_->size(); }
+  size_t read_alignment() const override { return base_->read_alignment(); }
+  Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
+    return base_->DataRanges(offset, length);
+  }
+  Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) override {
+    return base_->Map(offset, length);
+  }
+  Status Read(std::span<const io::IoRequest> requests) override { return base_->Read(requests); }
+  bool parallel_reads() const override { return base_->parallel_reads(); }
+  Result<std::vector<ByteRange>> DirtyRanges(uint64_t offset, uint64_t length) override {
+    return base_->DirtyRanges(offset, length);
+  }
+  std::vector<std::string> files() const override { return base_->files(); }
+  Status Close() override { return base_->Close(); }
+
+ protected:
+  Source& base() { return *base_; }
+
+ private:
+  std::unique_ptr<Source> base_;
+};
+
 struct SourceOptions {
   std::string format;       // "raw", "qcow2", or "" to detect
   bool direct_io = false;   // O_DIRECT (-T none)
