@@ -205,7 +205,7 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
   convert::SalvageCounters salvaged;
   if (options.salvage) input = convert::SalvageReadErrors(std::move(input), &salvaged);
   if (options.read_rate_limit != 0) {
-    input = convert::LimitReadRate(std::move(input), options.read_rate_limit);
+    input = convert::LimitReadRate(std::move(input), options.read_rate_limit, options.cancel);
   }
   ZQ_ASSIGN_OR_RETURN(convert::TargetPaths paths, convert::PlanTarget(target, options));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));

@@ -62,9 +62,11 @@ class RateLimitedSource final : public ForwardingSource {
  public:
   using Clock = std::chrono::steady_clock;
 
-  RateLimitedSource(std::unique_ptr<Source> base, uint64_t bytes_per_second)
+  RateLimitedSource(std::unique_ptr<Source> base, uint64_t bytes_per_second,
+                    const std::atomic<bool>* cancel)
       : ForwardingSource(std::move(base)),
         bytes_per_second_(static_cast<double>(bytes_per_second)),
+        cancel_(cancel),
         next_free_(Clock::now()) {}
 
   Status Read(std::span<const io::IoRequest> requests) override {
@@ -79,12 +81,20 @@ class RateLimitedSource final : public ForwardingSource {
           std::chrono::duration<double>(static_cast<double>(bytes) / bytes_per_second_));
       wake = next_free_;
     }
-    std::this_thread::sleep_until(wake);
+    // In slices, so that a cancelled conversion does not wait out a long slot.
+    while (Clock::now() < wake) {
+      if (cancel_ != nullptr && cancel_->load(std::memory_order_relaxed)) {
+        return Status::Interrupted(path() + ": read cancelled");
+      }
+      std::this_thread::sleep_until(std::min(wake, Clock::now() + kSleepSlice));
+    }
     return ForwardingSource::Read(requests);
   }
 
  private:
+  static constexpr std::chrono::milliseconds kSleepSlice{100};
   const double bytes_per_second_;
+  const std::atomic<bool>* const cancel_;
   std::mutex mutex_;
   Clock::time_point next_free_;
 };
@@ -96,8 +106,9 @@ std::unique_ptr<Source> SalvageReadErrors(std::unique_ptr<Source> source,
   return std::make_unique<SalvagingSource>(std::move(source), counters);
 }
 
-std::unique_ptr<Source> LimitReadRate(std::unique_ptr<Source> source, uint64_t bytes_per_second) {
-  return std::make_unique<RateLimitedSource>(std::move(source), bytes_per_second);
+std::unique_ptr<Source> LimitReadRate(std::unique_ptr<Source> source, uint64_t bytes_per_second,
+                                      const std::atomic<bool>* cancel) {
+  return std::make_unique<RateLimitedSource>(std::move(source), bytes_per_second, cancel);
 }
 
 }  // namespace zqcow::convert

@@ -165,7 +165,9 @@ std::unique_ptr<Source> SalvageReadErrors(std::unique_ptr<Source> source,
 // a token bucket shared by every reading thread, so parallel reads (and the compression
 // that follows them) go on while the limit holds. The bucket holds at most one second of
 // reads; a request larger than that waits until the bucket has been empty long enough.
-std::unique_ptr<Source> LimitReadRate(std::unique_ptr<Source> source, uint64_t bytes_per_second);
+// While `cancel` (may be null) becomes true, a waiting read returns kInterrupted.
+std::unique_ptr<Source> LimitReadRate(std::unique_ptr<Source> source, uint64_t bytes_per_second,
+                                      const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace zqcow::convert
 
