@@ -3,7 +3,8 @@
 // A qcow2 image (version 3; version 2 readable and writable as is). Create, open, read any
 // guest range, write normal or pre-compressed clusters, discard, flush, close. Opened
 // read-only, an image reads through its backing chain (qcow2 and raw backing files) and
-// may have internal snapshots (the active state is read); opened writable, it may have a
+// may have internal snapshots (the active state is read, or one snapshot: see
+// OpenOptions::snapshot); opened writable, it may have a
 // backing chain (an overlay: partial writes copy the rest of the cluster from the backing
 // data, zeroed clusters become zero clusters so the backing data stays hidden) but no
 // internal snapshots.
