@@ -52,7 +52,27 @@ struct ConvertArgs {
   std::string backing_file;    // -B
   std::string backing_format;  // -F
   std::string bitmap;          // --bitmap
+  bool quiet = false;          // -q
+  std::string snapshot;        // -s
+  std::string snapshot_param;  // -l
+  std::string rate_limit;      // -r
+  bool salvage = false;        // --salvage
+  bool copy_offload = false;   // -C: refused
+  bool bitmaps = false;        // --bitmaps: refused
 };
+
+// What qemu-img convert options zqcow cannot honour, refused by name.
+Status RefuseUnsupported(const ConvertArgs& args) {
+  if (args.copy_offload) {
+    return Status::InvalidArgument(
+        "-C: copy offloading is not supported (zqcow reads and writes every cluster itself)");
+  }
+  if (args.bitmaps) {
+    return Status::InvalidArgument(
+        "--bitmaps: copying persistent bitmaps is not supported (zqcow writes no bitmaps)");
+  }
+  return Status::OK();
+}
 
 nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& options,
                            const ConvertStats& stats) {
@@ -60,6 +80,7 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   j["source"] = args.source;
   j["target"] = args.target;
   j["format"] = options.output_format;
+  if (options.output_format == kFormatQcow2) j["version"] = options.version;
   j["compressed"] = options.compress;
   j["compression_type"] = options.compression == Compression::kZstd ? "zstd" : "zlib";
   j["cluster_size"] = options.cluster_size;
@@ -78,6 +99,13 @@ nlohmann::json StatsToJson(const ConvertArgs& args, const ConvertOptions& option
   if (!options.bitmap.empty()) j["bitmap"] = options.bitmap;
   j["output_file_size"] = stats.output_file_size;
   j["resumed_bytes"] = stats.resumed_bytes;
+  if (options.salvage) {
+    j["read_errors"] = stats.read_errors;
+    j["unreadable_bytes"] = stats.unreadable_bytes;
+  }
+  if (!options.source_snapshot.empty()) j["snapshot"] = options.source_snapshot;
+  if (!options.source_snapshot_id.empty()) j["snapshot_id"] = options.source_snapshot_id;
+  if (!options.source_snapshot_name.empty()) j["snapshot_name"] = options.source_snapshot_name;
   j["wall_seconds"] = stats.wall_seconds;
   j["cpu_seconds"] = stats.cpu_seconds;
   j["throughput_mib_s"] = stats.throughput_mib_s;
@@ -108,8 +136,23 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
     return Status::InvalidArgument(
         fmt::format("-f: unknown format '{}' (expected raw or qcow2)", args.source_format));
   }
+  ZQ_RETURN_IF_ERROR(RefuseUnsupported(args));
   options.source_format = args.source_format;
   options.force_share = args.force_share;
+  if (!args.snapshot.empty() && !args.snapshot_param.empty()) {
+    return Status::InvalidArgument("-s and -l: give the snapshot once");
+  }
+  options.source_snapshot = args.snapshot;
+  if (!args.snapshot_param.empty()) {
+    ZQ_RETURN_IF_ERROR(ApplySnapshotParam(args.snapshot_param, options));
+  }
+  if (!args.rate_limit.empty()) {
+    ZQ_ASSIGN_OR_RETURN(options.read_rate_limit, ParseSize(args.rate_limit, "-r"));
+    if (options.read_rate_limit == 0) {
+      return Status::InvalidArgument("-r: the rate limit must be at least 1 byte per second");
+    }
+  }
+  options.salvage = args.salvage;
   // qemu-img writes raw without -O; -c implies qcow2 (raw cannot be compressed).
   options.output_format = !args.output_format.empty() ? args.output_format
                           : args.compress             ? std::string(kFormatQcow2)
@@ -163,6 +206,12 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   ZQ_RETURN_IF_ERROR(ApplyCreateOptions(args.create_options, options));
   ZQ_ASSIGN_OR_RETURN(options.target_io.direct_io, ParseCacheMode(args.target_cache, "-t"));
   ZQ_ASSIGN_OR_RETURN(options.source_direct_io, ParseCacheMode(args.source_cache, "-T"));
+  // -t unsafe: qemu-img never flushes; zqcow takes no checkpoints (only the final sync
+  // that makes the finished image durable before it is renamed into place).
+  if (args.target_cache == "unsafe") options.checkpoint_seconds = 0;
+  // writethrough, directsync: qemu-img flushes after every write; O_DSYNC does that.
+  options.target_io.sync_writes =
+      args.target_cache == "writethrough" || args.target_cache == "directsync";
   options.workers = args.workers;
   options.out_of_order = !args.in_order;
   options.overwrite = args.force;
@@ -171,7 +220,7 @@ Result<ConvertOptions> BuildOptions(const ConvertArgs& args) {
   }
   options.resume = args.resume;
   options.source_unchanged = args.source_unchanged;
-  options.checkpoint_seconds = args.checkpoint_seconds;
+  if (args.target_cache != "unsafe") options.checkpoint_seconds = args.checkpoint_seconds;
   options.bitmap = args.bitmap;
   if (args.no_write_cache) {
     options.target_io.write_cache = IoOptions::WriteCache::kOff;
@@ -203,8 +252,9 @@ int RunConvert(const ConvertArgs& args) {
     output = *format;
   }
 
-  ProgressBar bar(args.progress);
-  if (args.progress) {
+  const bool progress = args.progress && !args.quiet;  // qemu-img: -q turns -p off
+  ProgressBar bar(progress);
+  if (progress) {
     options.progress = [&bar](const ConvertProgress& progress) { bar.Update(progress); };
   }
   CancelSignals::Install();
@@ -227,9 +277,15 @@ int RunConvert(const ConvertArgs& args) {
     }
     return ReportError(stats.status());
   }
+  if (stats->read_errors != 0) {
+    // Like qemu-img's error lines, printed even with -q.
+    PrintError(fmt::format("warning: {}: {} read error(s); {} could not be read and were "
+                           "written as zeros (--salvage)",
+                           args.source, stats->read_errors, HumanSize(stats->unreadable_bytes)));
+  }
   if (output == OutputFormat::kJson) {
     PrintJson(StatsToJson(args, options, *stats));
-  } else if (output == OutputFormat::kHuman || args.progress) {
+  } else if (output == OutputFormat::kHuman || progress) {
     PrintHumanSummary(*stats);
   }
   return kExitOk;
@@ -258,9 +314,11 @@ Subcommand AddConvertCommand(CLI::App& parent) {
                   "compression_level=N, cluster_size=SIZE, refcount_bits=N ('-o help' lists them)")
       ->allow_extra_args(false);
   app->add_option("-t", args->target_cache,
-                  "Target cache mode: none/directsync (O_DIRECT) or writeback (default)");
+                  "Target cache mode: none (O_DIRECT), directsync (O_DIRECT + O_DSYNC), "
+                  "writeback (default), writethrough (O_DSYNC), unsafe (no checkpoints)");
   app->add_option("-T", args->source_cache,
-                  "Source cache mode: none/directsync (O_DIRECT) or writeback (default)");
+                  "Source cache mode: none/directsync (O_DIRECT), writeback (default), "
+                  "writethrough, unsafe");
   app->add_option("-m", args->workers,
                   "Worker threads (default: one per CPU); at most one per CPU compresses at "
                   "a time, more read a qcow2 source in parallel")
@@ -305,6 +363,19 @@ Subcommand AddConvertCommand(CLI::App& parent) {
   app->add_option("--bitmap", args->bitmap,
                   "With -B: take the changed clusters from this dirty bitmap of the source "
                   "(NBD qemu:dirty-bitmap:NAME) instead of comparing with the -B image");
+  app->add_flag("-q", args->quiet, "Quiet: no progress, no summary unless --output asks");
+  app->add_option("-s", args->snapshot,
+                  "Convert this internal snapshot (id, else name) of a qcow2 SRC");
+  app->add_option("-l", args->snapshot_param,
+                  "Convert an internal snapshot: snapshot.id=ID[,snapshot.name=NAME], or "
+                  "an id or name as -s");
+  app->add_option("-r", args->rate_limit,
+                  "Limit reads from SRC to RATE bytes per second (k, M, G suffixes)");
+  app->add_flag("--salvage", args->salvage,
+                "Continue past read errors of SRC, writing what cannot be read as zeros "
+                "(counted in the summary and a warning)");
+  app->add_flag("-C", args->copy_offload, "Copy offloading (not supported: refused)");
+  app->add_flag("--bitmaps", args->bitmaps, "Copy persistent bitmaps (not supported: refused)");
   // SRC and DST are checked in `run` so that `-o help` works without them.
   app->add_flag("-U,--force-share", args->force_share,
                 "Read SRC even if another process writes it (qemu-img's -U); the copy may be torn");
@@ -322,6 +393,9 @@ Subcommand AddConvertCommand(CLI::App& parent) {
               }
             }
             if (args->source.empty() || args->target.empty()) {
+              // An option error first: `-t SRC DST` took SRC as the cache mode.
+              auto options = BuildOptions(*args);
+              if (!options.ok()) return ReportError(options.status());
               PrintError("convert: SRC and DST are required (see zqcow convert --help)");
               return kExitError;
             }

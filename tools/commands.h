@@ -28,6 +28,7 @@ Subcommand AddBackupCommand(CLI::App& parent);
 Subcommand AddVerifyCommand(CLI::App& parent);
 Subcommand AddPruneCommand(CLI::App& parent);
 Subcommand AddRestoreCommand(CLI::App& parent);
+Subcommand AddMeasureCommand(CLI::App& parent);
 
 }  // namespace zqcow::cli
 

@@ -33,6 +33,19 @@ std::vector<std::string_view> Split(std::string_view text, char separator) {
   return parts;
 }
 
+// qemu-img's qcow2 creation options that zqcow does not write (accepted ones are handled
+// in ApplyOne).
+bool IsUnsupportedQemuKey(std::string_view key) {
+  static constexpr std::string_view kKeys[] = {
+      "backing_file", "backing_fmt", "encryption", "encrypt.format", "encrypt.key-secret",
+      "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+      "encrypt.hash-alg", "encrypt.iter-time", "data_file", "data_file_raw", "size"};
+  for (std::string_view known : kKeys) {
+    if (key == known) return true;
+  }
+  return false;
+}
+
 Status ApplyOne(std::string_view key, std::string_view value, ConvertOptions& options,
                 bool& level_given) {
   std::string what = fmt::format("-o {}", key);
@@ -63,10 +76,32 @@ Status ApplyOne(std::string_view key, std::string_view value, ConvertOptions& op
           fmt::format("{}: {} is not a power of two between 1 and 64", what, value));
     }
     options.refcount_bits = static_cast<uint32_t>(bits);
+  } else if (key == "compat") {
+    if (value == "1.1" || value == "v3") {
+      options.version = 3;
+    } else if (value == "0.10" || value == "v2") {
+      options.version = 2;
+    } else {
+      return Status::InvalidArgument(
+          fmt::format("{}: unknown compat level '{}' (expected 1.1 or 0.10)", what, value));
+    }
+  } else if (key == "lazy_refcounts" || key == "extended_l2") {
+    // Off is what zqcow writes; on would change the image.
+    if (value != "off" && value != "false") {
+      return Status::InvalidArgument(fmt::format("{}={}: not supported (only off)", what, value));
+    }
+  } else if (key == "preallocation") {
+    if (value != "off") {
+      return Status::InvalidArgument(fmt::format("{}={}: not supported (only off)", what, value));
+    }
+  } else if (IsUnsupportedQemuKey(key)) {
+    return Status::InvalidArgument(fmt::format(
+        "{}: not supported by zqcow (a qemu-img qcow2 option; '-o help' lists zqcow's)", what));
   } else {
     return Status::InvalidArgument(fmt::format(
         "-o: unknown option '{}' (known: compression_type, compression_level, cluster_size, "
-        "refcount_bits; '-o help' lists them)",
+        "refcount_bits, compat, lazy_refcounts, preallocation, extended_l2; '-o help' lists "
+        "them)",
         key));
   }
   return Status::OK();
@@ -86,6 +121,13 @@ Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOp
       ZQ_RETURN_IF_ERROR(ApplyOne(pair.substr(0, eq), pair.substr(eq + 1), options, level_given));
     }
   }
+  if (options.version == 2 && options.compression != Compression::kZlib) {
+    return Status::InvalidArgument(
+        "-o compat=0.10: a version 2 image cannot use compression_type=zstd (zlib only)");
+  }
+  if (options.version == 2 && options.refcount_bits != 16) {
+    return Status::InvalidArgument("-o compat=0.10: a version 2 image needs refcount_bits=16");
+  }
   if (level_given) {
     int level = options.compression_level;
     bool zstd = options.compression == Compression::kZstd;
@@ -100,11 +142,39 @@ Status ApplyCreateOptions(const std::vector<std::string>& option_args, ConvertOp
   return Status::OK();
 }
 
+Status ApplySnapshotParam(const std::string& text, ConvertOptions& options) {
+  if (text.rfind("snapshot.", 0) != 0) {
+    options.source_snapshot = text;
+    return Status::OK();
+  }
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    const std::string pair = text.substr(start, comma - start);
+    const size_t eq = pair.find('=');
+    const std::string key = pair.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : pair.substr(eq + 1);
+    if (key == "snapshot.id" && !value.empty()) {
+      options.source_snapshot_id = value;
+    } else if (key == "snapshot.name" && !value.empty()) {
+      options.source_snapshot_name = value;
+    } else {
+      return Status::InvalidArgument(fmt::format(
+          "-l: '{}' is not snapshot.id=ID or snapshot.name=NAME (in '{}')", pair, text));
+    }
+    start = comma + 1;
+  }
+  return Status::OK();
+}
+
 Result<bool> ParseCacheMode(std::string_view mode, std::string_view flag) {
   if (mode == "none" || mode == "directsync") return true;
-  if (mode == "writeback") return false;
+  if (mode == "writeback" || mode == "writethrough" || mode == "unsafe") return false;
   return Status::InvalidArgument(fmt::format(
-      "{}: unknown cache mode '{}' (expected none, directsync or writeback)", flag, mode));
+      "{}: unknown cache mode '{}' (expected none, directsync, writeback, writethrough or "
+      "unsafe)",
+      flag, mode));
 }
 
 }  // namespace zqcow::cli

@@ -15,6 +15,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "parse_errors.h"
 #include "zqcow/version.h"
 
 namespace {
@@ -75,7 +76,7 @@ int main(int argc, char** argv) {
                                       AddCheckCommand(app), AddCompareCommand(app),
                                       AddMapCommand(app), AddBackupCommand(app),
                                       AddVerifyCommand(app), AddRestoreCommand(app),
-                                      AddPruneCommand(app)};
+                                      AddPruneCommand(app), AddMeasureCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -87,18 +88,20 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     int exit_code = kExitError;
     bool any_parsed = false;
+    const CLI::App* parsed = nullptr;
     for (const Subcommand& command : commands) {
       if (command.app->parsed()) {
         exit_code = command.usage_error_exit_code;
         any_parsed = true;
+        parsed = command.app;
       }
     }
     if (!any_parsed && argc > 1 && argv[1][0] != '-') {
       PrintError(std::string("unknown subcommand '") + argv[1] +
-                 "' (expected convert, info, check, compare, map, backup, verify, restore or prune; see zqcow --help)");
+                 "' (expected convert, info, check, compare, map, measure, backup, verify, restore or prune; see zqcow --help)");
       return exit_code;
     }
-    PrintError(std::string(e.what()) + " (see zqcow --help)");
+    PrintError(DescribeParseError(parsed, argc, argv, e));
     return exit_code;
   }
   for (const Subcommand& command : commands) {

@@ -43,6 +43,10 @@ struct ConvertStats {
   // --resume: guest bytes the interrupted conversion's partial image already held, kept
   // as they were (neither read again nor counted above).
   uint64_t resumed_bytes = 0;
+  // salvage: unreadable ranges of the source (adjacent failed 512-byte pieces count once)
+  // and the bytes in them, written as zeros.
+  uint64_t read_errors = 0;
+  uint64_t unreadable_bytes = 0;
   double wall_seconds = 0;
   double cpu_seconds = 0;             // user + system of the whole process
   double throughput_mib_s = 0;        // virtual size / wall time
@@ -75,8 +79,20 @@ struct ConvertOptions {
   int compression_level = 0;   // 0: the codec's default (0 is no valid level of either codec)
   uint32_t cluster_size = 65536;
   uint32_t refcount_bits = 16;
+  uint32_t version = 3;  // -o compat: 3 (1.1) or 2 (0.10; zlib and refcount_bits 16 only)
   bool source_direct_io = false;  // -T none
   bool force_share = false;       // -U: open the source without QEMU's image locks
+  // A qcow2 source's internal snapshot to convert instead of its active state (see
+  // OpenOptions::snapshot): `source_snapshot` an id or a name (-s), else the id and/or
+  // name that must both match (-l snapshot.id=,snapshot.name=).
+  std::string source_snapshot;
+  std::string source_snapshot_id;
+  std::string source_snapshot_name;
+  // -r: at most this many bytes per second read from the source (0 = no limit).
+  uint64_t read_rate_limit = 0;
+  // --salvage: source read errors do not stop the conversion; what cannot be read (in
+  // 512-byte pieces) is written as zeros and counted in ConvertStats::read_errors.
+  bool salvage = false;
   // Incremental backups (-B, --bitmap): the target becomes an overlay of `backing_file`
   // (named in its header as given, format `backing_format`) holding only what changed:
   // with `bitmap`, the clusters the source's dirty bitmap marks; without, the clusters

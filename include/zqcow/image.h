@@ -3,7 +3,8 @@
 // A qcow2 image (version 3; version 2 readable and writable as is). Create, open, read any
 // guest range, write normal or pre-compressed clusters, discard, flush, close. Opened
 // read-only, an image reads through its backing chain (qcow2 and raw backing files) and
-// may have internal snapshots (the active state is read); opened writable, it may have a
+// may have internal snapshots (the active state is read, or one snapshot: see
+// OpenOptions::snapshot); opened writable, it may have a
 // backing chain (an overlay: partial writes copy the rest of the cluster from the backing
 // data, zeroed clusters become zero clusters so the backing data stays hidden) but no
 // internal snapshots.
@@ -41,6 +42,9 @@ struct CreateOptions {
   Compression compression = Compression::kZlib;
   uint32_t refcount_bits = 16;          // power of two, 1 .. 64
   bool overwrite = false;               // replace an existing file (else kAlreadyExists)
+  // 3 (qemu-img's compat=1.1) or 2 (compat=0.10: no feature bits, so no dirty bit, zlib
+  // only, refcount_bits 16; zero ranges stay unallocated).
+  uint32_t version = 3;
   // An overlay: the image's unallocated clusters read from this file. Stored in the header
   // as given; a relative name is relative to the new image's directory (as QEMU resolves
   // it). It must open (kNotFound otherwise) as `backing_format` ("qcow2" or "raw").
@@ -50,6 +54,9 @@ struct CreateOptions {
 
 struct IoOptions {
   bool direct_io = false;               // O_DIRECT on the image file
+  // Writable images: every write is durable when it completes (O_DSYNC), as QEMU's
+  // writethrough and directsync cache modes flush after each write.
+  bool sync_writes = false;
   bool use_io_uring = true;             // when the kernel allows it
   // Compressed write cache (the cluster store, src/qcow2/cluster_store.h; kOff = the
   // write-through store, one write per compressed cluster as QEMU does). kAuto = on for
@@ -68,6 +75,15 @@ struct IoOptions {
 struct OpenOptions {
   bool writable = false;
   IoOptions io;
+  // Read-only opens of a qcow2 image: read this internal snapshot (its L1 table and its
+  // virtual size) instead of the active state, as qemu-img convert -s / -l do. Unallocated
+  // clusters still read from the backing chain. `snapshot`: an id or a name, the id tried
+  // first (qemu-img's -s); else `snapshot_id` and/or `snapshot_name`, each one given must
+  // match (-l snapshot.id=ID,snapshot.name=NAME). kNotFound naming the image when no
+  // snapshot matches; kNotSupported with `writable`.
+  std::string snapshot;
+  std::string snapshot_id;
+  std::string snapshot_name;
 };
 
 // What a guest range is, as qemu-img map would say. An image with a backing file maps the

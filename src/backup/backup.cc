@@ -38,7 +38,10 @@ Result<SourceFacts> ProbeSource(const std::string& source, const BackupOptions& 
   convert::SourceOptions source_options{.format = convert.source_format,
                                         .direct_io = convert.source_direct_io,
                                         .force_share = convert.force_share,
-                                        .bitmap = options.bitmap};
+                                        .bitmap = options.bitmap,
+                                        .snapshot = convert.source_snapshot,
+                                        .snapshot_id = convert.source_snapshot_id,
+                                        .snapshot_name = convert.source_snapshot_name};
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
                       convert::OpenSource(source, source_options));
   SourceFacts facts;

@@ -314,8 +314,16 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                       convert::OpenSource(source, {.format = options.source_format,
                                                    .direct_io = options.source_direct_io,
                                                    .force_share = options.force_share,
-                                                   .bitmap = options.bitmap}));
+                                                   .bitmap = options.bitmap,
+                                                   .snapshot = options.source_snapshot,
+                                                   .snapshot_id = options.source_snapshot_id,
+                                                   .snapshot_name = options.source_snapshot_name}));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
+  convert::SalvageCounters salvaged;
+  if (options.salvage) input = convert::SalvageReadErrors(std::move(input), &salvaged);
+  if (options.read_rate_limit != 0) {
+    input = convert::LimitReadRate(std::move(input), options.read_rate_limit, options.cancel);
+  }
   ZQ_ASSIGN_OR_RETURN(convert::TargetPaths paths, convert::PlanTarget(target, options));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));
 
@@ -383,6 +391,8 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
       totals.zero_bytes_skipped - std::min(totals.zero_bytes_skipped, resumed_bytes);
   stats.clusters_zero = totals.clusters_zero - std::min(totals.clusters_zero, resumed_clusters);
   stats.resumed_bytes = resumed_bytes;
+  stats.read_errors = salvaged.errors;
+  stats.unreadable_bytes = salvaged.bytes;
   stats.output_file_size = FileSize(paths.target);
   return stats;
 }

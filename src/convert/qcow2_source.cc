@@ -94,12 +94,15 @@ class Qcow2Source final : public Source {
 
 }  // namespace
 
-Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io,
-                                                bool force_share) {
+Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path,
+                                                const SourceOptions& source_options) {
   OpenOptions options;
   options.writable = false;
-  options.io.direct_io = direct_io;
-  options.io.force_share = force_share;
+  options.io.direct_io = source_options.direct_io;
+  options.io.force_share = source_options.force_share;
+  options.snapshot = source_options.snapshot;
+  options.snapshot_id = source_options.snapshot_id;
+  options.snapshot_name = source_options.snapshot_name;
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<Image> image, Image::Open(path, options));
   return std::unique_ptr<Source>(std::make_unique<Qcow2Source>(std::move(image), path));
 }

@@ -90,30 +90,25 @@ std::vector<ByteRange> Subtract(const std::vector<ByteRange>& ranges,
   return out;
 }
 
-class SkippingSource final : public Source {
+class SkippingSource final : public ForwardingSource {
  public:
   SkippingSource(std::unique_ptr<Source> base, std::vector<ByteRange> present)
-      : base_(std::move(base)), present_(std::move(present)) {}
+      : ForwardingSource(std::move(base)), present_(std::move(present)) {}
 
-  const std::string& path() const override { return base_->path(); }
-  const char* format() const override { return base_->format(); }
-  uint64_t size() const override { return base_->size(); }
-  size_t read_alignment() const override { return base_->read_alignment(); }
   Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
-    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> ranges, base_->DataRanges(offset, length));
+    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> ranges, base().DataRanges(offset, length));
     return Subtract(ranges, present_);
   }
-  Status Read(std::span<const io::IoRequest> requests) override { return base_->Read(requests); }
-  bool parallel_reads() const override { return base_->parallel_reads(); }
+  // Derived from DataRanges, so the present ranges show as zero.
+  Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) override {
+    return Source::Map(offset, length);
+  }
   Result<std::vector<ByteRange>> DirtyRanges(uint64_t offset, uint64_t length) override {
-    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> ranges, base_->DirtyRanges(offset, length));
+    ZQ_ASSIGN_OR_RETURN(std::vector<ByteRange> ranges, base().DirtyRanges(offset, length));
     return Subtract(ranges, present_);
   }
-  std::vector<std::string> files() const override { return base_->files(); }
-  Status Close() override { return base_->Close(); }
 
  private:
-  std::unique_ptr<Source> base_;
   const std::vector<ByteRange> present_;
 };
 
@@ -134,6 +129,15 @@ Result<ResumeRecord> DescribeConversion(const Source& source, const ConvertOptio
       {"bitmap", options.bitmap},
   };
   const std::vector<std::string> files = source.files();
+  // Only when set, so that records of conversions without them stay as they were.
+  if (options.version != 3) record.emplace_back("version", std::to_string(options.version));
+  if (!options.source_snapshot.empty()) record.emplace_back("snapshot", options.source_snapshot);
+  if (!options.source_snapshot_id.empty()) {
+    record.emplace_back("snapshot.id", options.source_snapshot_id);
+  }
+  if (!options.source_snapshot_name.empty()) {
+    record.emplace_back("snapshot.name", options.source_snapshot_name);
+  }
   record.emplace_back("source.files", std::to_string(files.size()));
   for (size_t i = 0; i < files.size(); ++i) {
     const std::string prefix = kSourcePrefix + std::to_string(i) + ".";

@@ -31,7 +31,12 @@ Status NameFile(const Status& status, const std::string& path) {
 }  // namespace
 
 Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const SourceOptions& options) {
-  if (IsNbdUri(path)) return OpenNbdSource(path, options);
+  if (IsNbdUri(path)) {
+    if (options.has_snapshot()) {
+      return Status::InvalidArgument(path + ": an NBD export has no internal snapshots (-s/-l)");
+    }
+    return OpenNbdSource(path, options);
+  }
   const std::string& requested = options.format;
   const bool direct_io = options.direct_io;
   if (!requested.empty() && requested != kFormatRaw && requested != kFormatQcow2) {
@@ -57,10 +62,13 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const Source
     }
     if (*detected == kFormatQcow2) {
       file.reset();  // the image opens the file itself
-      Result<std::unique_ptr<Source>> source = OpenQcow2Source(path, direct_io, options.force_share);
+      Result<std::unique_ptr<Source>> source = OpenQcow2Source(path, options);
       if (!source.ok()) return NameFile(source.status(), path);
       return source;
     }
+  }
+  if (options.has_snapshot()) {
+    return Status::InvalidArgument(path + ": a raw image has no internal snapshots (-s/-l)");
   }
   // qemu-img sees a raw file as whole 512-byte sectors: its virtual size rounds up, and
   // the padding reads as zeros (so a file and its conversion compare without a size note).

@@ -8,6 +8,7 @@
 #ifndef ZQCOW_CONVERT_SOURCE_H_
 #define ZQCOW_CONVERT_SOURCE_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,11 +82,50 @@ class Source {
   virtual Status Close() = 0;
 };
 
+// A Source that forwards everything to `base`: the base of wrappers that change a part
+// (SalvageReadErrors, LimitReadRate, SkipPresentRanges).
+class ForwardingSource : public Source {
+ public:
+  explicit ForwardingSource(std::unique_ptr<Source> base) : base_(std::move(base)) {}
+  const std::string& path() const override { return base_->path(); }
+  const char* format() const override { return base_->format(); }
+  uint64_t size() const override { return base_->size(); }
+  size_t read_alignment() const override { return base_->read_alignment(); }
+  Result<std::vector<ByteRange>> DataRanges(uint64_t offset, uint64_t length) override {
+    return base_->DataRanges(offset, length);
+  }
+  Result<std::vector<MapExtent>> Map(uint64_t offset, uint64_t length) override {
+    return base_->Map(offset, length);
+  }
+  Status Read(std::span<const io::IoRequest> requests) override { return base_->Read(requests); }
+  bool parallel_reads() const override { return base_->parallel_reads(); }
+  Result<std::vector<ByteRange>> DirtyRanges(uint64_t offset, uint64_t length) override {
+    return base_->DirtyRanges(offset, length);
+  }
+  std::vector<std::string> files() const override { return base_->files(); }
+  Status Close() override { return base_->Close(); }
+
+ protected:
+  Source& base() { return *base_; }
+
+ private:
+  std::unique_ptr<Source> base_;
+};
+
 struct SourceOptions {
   std::string format;       // "raw", "qcow2", or "" to detect
   bool direct_io = false;   // O_DIRECT (-T none)
   bool force_share = false; // -U: read without taking QEMU's image locks
   std::string bitmap;       // dirty bitmap to serve DirtyRanges from; "" for none
+  // An internal snapshot of a qcow2 source to read instead of its active state (see
+  // OpenOptions::snapshot in zqcow/image.h); a raw or NBD source with one is
+  // kInvalidArgument.
+  std::string snapshot;       // id or name (-s)
+  std::string snapshot_id;    // -l snapshot.id=
+  std::string snapshot_name;  // -l snapshot.name=
+  bool has_snapshot() const {
+    return !snapshot.empty() || !snapshot_id.empty() || !snapshot_name.empty();
+  }
 };
 
 // Opens `path` as options.format: "raw", "qcow2", or "" to detect as qemu-img does
@@ -103,11 +143,31 @@ bool IsNbdUri(const std::string& path);
 // The two kinds, for callers that know what they have. MakeRawSource takes an opened file
 // and its size.
 std::unique_ptr<Source> MakeRawSource(std::unique_ptr<io::File> file, uint64_t size);
-Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path, bool direct_io,
-                                                bool force_share = false);
+Result<std::unique_ptr<Source>> OpenQcow2Source(const std::string& path,
+                                                const SourceOptions& options);
 // An NBD export read through libnbd (src/convert/nbd_source.cc). options.bitmap asks for
 // the meta context qemu:dirty-bitmap:NAME, which DirtyRanges then reads.
 Result<std::unique_ptr<Source>> OpenNbdSource(const std::string& uri, const SourceOptions& options);
+
+// Counters of a source wrapped by SalvageReadErrors, read once the conversion is over.
+struct SalvageCounters {
+  std::atomic<uint64_t> errors{0};  // unreadable ranges (adjacent failed pieces are one)
+  std::atomic<uint64_t> bytes{0};   // bytes that could not be read and were zeroed
+};
+
+// `source`, whose reads never fail: a request that fails is read again in pieces of
+// max(512, read_alignment()) bytes; a piece that still fails reads as zeros and is counted
+// in `counters` (qemu-img convert --salvage). REQUIRES: counters outlive the source.
+std::unique_ptr<Source> SalvageReadErrors(std::unique_ptr<Source> source,
+                                          SalvageCounters* counters);
+
+// `source`, whose reads take at most `bytes_per_second` on average (qemu-img convert -r):
+// a token bucket shared by every reading thread, so parallel reads (and the compression
+// that follows them) go on while the limit holds. The bucket holds at most one second of
+// reads; a request larger than that waits until the bucket has been empty long enough.
+// While `cancel` (may be null) becomes true, a waiting read returns kInterrupted.
+std::unique_ptr<Source> LimitReadRate(std::unique_ptr<Source> source, uint64_t bytes_per_second,
+                                      const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace zqcow::convert
 

@@ -158,11 +158,25 @@ Result<PartialTarget> ReopenPartial(const TargetPaths& paths, const ConvertOptio
 }  // namespace
 
 std::string ResolveTarget(const std::string& path) {
-  struct stat st {};
-  if (lstat(path.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return path;
-  char resolved[PATH_MAX];
-  // A dangling link stays as it is: the rename replaces it.
-  return ::realpath(path.c_str(), resolved) != nullptr ? std::string(resolved) : path;
+  // A dangling link is followed too (as open(O_CREAT) follows it: qemu-img creates the
+  // file it names), link by link, at most as deep as the kernel would follow.
+  constexpr int kMaxLinks = 40;
+  std::string current = path;
+  for (int depth = 0; depth < kMaxLinks; ++depth) {
+    struct stat st {};
+    if (lstat(current.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return current;
+    char resolved[PATH_MAX];
+    if (::realpath(current.c_str(), resolved) != nullptr) return resolved;
+    const ssize_t n = ::readlink(current.c_str(), resolved, sizeof(resolved) - 1);
+    if (n <= 0) return current;
+    std::string next(resolved, static_cast<size_t>(n));
+    if (next[0] != '/') {
+      const size_t slash = current.rfind('/');
+      if (slash != std::string::npos) next = current.substr(0, slash + 1) + next;
+    }
+    current = next;
+  }
+  return current;
 }
 
 TargetPaths TargetFiles(const std::string& path) {
@@ -225,6 +239,7 @@ Result<std::unique_ptr<Image>> CreateTarget(const std::string& path, const Conve
   create.cluster_size = options.cluster_size;
   create.compression = options.compression;
   create.refcount_bits = options.refcount_bits;
+  create.version = options.version;
   create.overwrite = options.overwrite;
   create.backing_file = options.backing_file;
   create.backing_format = options.backing_format;
@@ -237,6 +252,7 @@ Result<std::unique_ptr<Image>> CreateTarget(const std::string& path, const Conve
     file_options.exclusive = !options.overwrite;
     file_options.truncate = options.overwrite;
     file_options.direct_io = options.target_io.direct_io;
+    file_options.sync_writes = options.target_io.sync_writes;
     file_options.use_io_uring = options.target_io.use_io_uring;
     ZQ_ASSIGN_OR_RETURN(std::unique_ptr<io::File> file, io::OpenFile(path, file_options));
     return qcow2::CreateImageOnFile(options.wrap_target_file(std::move(file)), create,

@@ -26,7 +26,8 @@
 namespace zqcow::convert {
 
 // DST as the rename will replace it: a symbolic link is followed (the file it names is
-// replaced, the link stays), anything else is `path` itself.
+// replaced, the link stays), also a dangling one (the file it names is created, as qemu-img
+// creates it); anything else is `path` itself.
 std::string ResolveTarget(const std::string& path);
 
 struct TargetPaths {

@@ -72,6 +72,7 @@ struct FileOptions {
   bool exclusive = false;  // with create: fail with kAlreadyExists if it exists (O_EXCL)
   bool truncate = false;   // O_TRUNC
   bool direct_io = false;  // O_DIRECT
+  bool sync_writes = false;  // O_DSYNC: each write is durable when it completes
   // Batches go through io_uring when the kernel allows it (one ring per calling thread);
   // otherwise, or when false, they run one transfer after another.
   bool use_io_uring = true;

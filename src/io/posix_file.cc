@@ -216,6 +216,7 @@ Result<std::unique_ptr<File>> OpenFile(const std::string& path, const FileOption
   if (options.create && options.exclusive) flags |= O_EXCL;
   // O_TRUNC would truncate before the image locks are taken: truncate after taking them.
   if (options.direct_io) flags |= O_DIRECT;
+  if (options.sync_writes) flags |= O_DSYNC;
 
   // Whether this open may create the file, so that a refused O_DIRECT does not leave an
   // empty file behind.

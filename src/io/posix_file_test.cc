@@ -1,7 +1,9 @@
 // Copyright 2026 The zqcow Authors. Licensed under the Apache License, Version 2.0.
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -48,6 +50,35 @@ class ScopedDisableIoUring {
   ScopedDisableIoUring() { setenv("ZQCOW_DISABLE_IO_URING", "1", 1); }
   ~ScopedDisableIoUring() { unsetenv("ZQCOW_DISABLE_IO_URING"); }
 };
+
+// The open flags (fdinfo "flags:", octal) of this process's descriptor for `path`.
+long OpenFlagsOf(const std::string& path) {
+  for (int fd = 0; fd < 1024; ++fd) {
+    char link[4096];
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    const ssize_t n = readlink(proc.c_str(), link, sizeof(link) - 1);
+    if (n <= 0 || std::string(link, static_cast<size_t>(n)) != path) continue;
+    const std::vector<uint8_t> info = ReadWholeFile("/proc/self/fdinfo/" + std::to_string(fd));
+    const std::string text(info.begin(), info.end());
+    const size_t at = text.find("flags:");
+    if (at != std::string::npos) return std::strtol(text.c_str() + at + 6, nullptr, 8);
+  }
+  return -1;
+}
+
+TEST(PosixFileTest, SyncWritesOpensWithODsync) {
+  TempDir dir;
+  const std::string path = dir.File("sync.bin");
+  FileOptions options = WriteOptions(false);
+  auto plain = Open(path, options);
+  ASSERT_NE(plain, nullptr);
+  EXPECT_EQ(OpenFlagsOf(path) & O_DSYNC, 0);
+  plain.reset();
+  options.sync_writes = true;
+  auto synced = Open(path, options);
+  ASSERT_NE(synced, nullptr);
+  EXPECT_EQ(OpenFlagsOf(path) & O_DSYNC, O_DSYNC);
+}
 
 TEST(PosixFileTest, BufferedRoundTripAtUnalignedOffsets) {
   TempDir dir;

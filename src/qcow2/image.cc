@@ -53,6 +53,7 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   file_options.exclusive = !options.overwrite;
   file_options.truncate = options.overwrite;
   file_options.direct_io = io.direct_io;
+  file_options.sync_writes = io.sync_writes;
   file_options.use_io_uring = io.use_io_uring;
   ZQ_ASSIGN_OR_RETURN(auto file, io::OpenFile(path, file_options));
   if (file->direct_io() && file->alignment() > options.cluster_size) {
@@ -86,6 +87,7 @@ Result<std::unique_ptr<Image>> qcow2::OpenImageChain(const std::string& path,
   io::FileOptions file_options;
   file_options.writable = options.writable;
   file_options.direct_io = options.io.direct_io;
+  file_options.sync_writes = options.writable && options.io.sync_writes;
   file_options.use_io_uring = options.io.use_io_uring;
   if (options.io.force_share) file_options.lock = io::ImageLock::kShared;
   ZQ_ASSIGN_OR_RETURN(auto file, io::OpenFile(path, file_options));

@@ -47,6 +47,15 @@ Status ValidateCreateOptions(const std::string& path, const CreateOptions& optio
   if (options.compression != Compression::kZlib && options.compression != Compression::kZstd) {
     return invalid("unknown compression type");
   }
+  if (options.version != 2 && options.version != 3) {
+    return invalid("version " + std::to_string(options.version) + " must be 2 or 3");
+  }
+  if (options.version == 2 && options.compression != Compression::kZlib) {
+    return invalid("a version 2 image (compat=0.10) can only compress with zlib");
+  }
+  if (options.version == 2 && options.refcount_bits != 16) {
+    return invalid("a version 2 image (compat=0.10) needs refcount_bits 16");
+  }
   if (!options.backing_file.empty() && options.backing_format.empty()) {
     return invalid("backing file '" + options.backing_file + "' needs a backing format");
   }
@@ -102,7 +111,7 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
       static_cast<uint32_t>(std::max<uint64_t>(1, (table_bytes + cluster_size - 1) / cluster_size));
 
   format::Header header;
-  header.version = 3;
+  header.version = options.version;
   header.cluster_bits = cluster_bits;
   header.size = options.virtual_size;
   header.l1_size = static_cast<uint32_t>(l1_size);
@@ -112,6 +121,10 @@ Result<std::unique_ptr<Image>> CreateImageOnFile(std::unique_ptr<io::File> file,
   header.header_length = format::kV3HeaderLength;
   header.compression_type = static_cast<uint8_t>(options.compression);
   header.incompatible_features = format::kIncompatDirty;
+  if (options.version == 2) {
+    header.header_length = format::kV2HeaderLength;
+    header.incompatible_features = 0;  // v2 has no feature bits (and no dirty bit)
+  }
   if (options.compression == Compression::kZstd) {
     header.incompatible_features |= format::kIncompatCompressionType;
   }

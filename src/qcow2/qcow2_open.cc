@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "format/endian.h"
 #include "format/header.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "qcow2/backing.h"
 #include "qcow2/cluster_io.h"
 #include "qcow2/qcow2_engine.h"
@@ -49,6 +51,50 @@ Result<uint64_t> RefcountedEnd(io::File* file, const io::AlignedBuffer& table,
   return uint64_t{0};
 }
 
+bool WantsSnapshot(const OpenOptions& options) {
+  return !options.snapshot.empty() || !options.snapshot_id.empty() ||
+         !options.snapshot_name.empty();
+}
+
+// The snapshot `options` selects, found as QEMU finds it (find_snapshot_by_id_and_name,
+// and for `snapshot` by id first, then by name).
+Result<format::Snapshot> FindSnapshot(io::File* file, const format::Header& header,
+                                      uint64_t file_size, const OpenOptions& options) {
+  auto read_at = [file](uint64_t offset, std::span<uint8_t> buffer) -> Status {
+    auto read = file->ReadAt(offset, buffer.data(), buffer.size());
+    return read.ok() ? Status::OK() : read.status();
+  };
+  ZQ_ASSIGN_OR_RETURN(format::SnapshotTable table,
+                      format::ReadSnapshotTable(header, file_size, read_at));
+  auto find = [&table](const std::string& id, const std::string& name) -> const format::Snapshot* {
+    for (const format::Snapshot& snapshot : table.snapshots) {
+      if ((id.empty() || snapshot.id == id) && (name.empty() || snapshot.name == name)) {
+        return &snapshot;
+      }
+    }
+    return nullptr;
+  };
+  const format::Snapshot* found = nullptr;
+  std::string wanted;
+  if (!options.snapshot.empty()) {
+    found = find(options.snapshot, "");
+    if (found == nullptr) found = find("", options.snapshot);
+    wanted = "with id or name '" + options.snapshot + "'";
+  } else {
+    found = find(options.snapshot_id, options.snapshot_name);
+    if (!options.snapshot_id.empty()) wanted = "with id '" + options.snapshot_id + "'";
+    if (!options.snapshot_name.empty()) {
+      wanted += (wanted.empty() ? "with" : " and") + std::string(" name '") +
+                options.snapshot_name + "'";
+    }
+  }
+  if (found == nullptr) {
+    return Status::NotFound(file->path() + ": no internal snapshot " + wanted + " (" +
+                            std::to_string(table.snapshots.size()) + " snapshots)");
+  }
+  return *found;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
@@ -68,6 +114,22 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   format::Header header = std::move(parsed).value();
 
   const bool has_backing = header.backing_file_offset != 0 || !header.backing_file.empty();
+  std::optional<uint32_t> snapshot_l1_entries;  // a snapshot's L1 table, of this many entries
+  if (WantsSnapshot(options)) {
+    if (options.writable) {
+      return Status::NotSupported(path + ": an internal snapshot can only be opened read-only");
+    }
+    ZQ_ASSIGN_OR_RETURN(format::Snapshot snapshot,
+                        FindSnapshot(file.get(), header, file_size, options));
+    // As QEMU's qcow2_snapshot_load_tmp: the snapshot's L1 table replaces the active one;
+    // the virtual size stays the image's (what lies past the snapshot's L1 table reads as
+    // unallocated: zeros, or the backing file's data).
+    header.l1_table_offset = snapshot.l1_table_offset;
+    snapshot_l1_entries = snapshot.l1_size;
+    header.l1_size = std::max<uint32_t>(
+        snapshot.l1_size,
+        static_cast<uint32_t>(format::Geometry{header.cluster_bits}.l1_size_for(header.size)));
+  }
   if (options.writable && header.nb_snapshots != 0) {
     return Status::NotSupported(path +
                                 ": writing to an image with internal snapshots is not "
@@ -111,8 +173,9 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
   }
   const uint64_t l1_bytes =
       io::AlignUp(std::max<uint64_t>(uint64_t{header.l1_size} * 8, 1), cluster_size);
+  const uint64_t l1_stored_entries = snapshot_l1_entries.value_or(header.l1_size);
   if (header.l1_table_offset % cluster_size != 0 ||
-      header.l1_table_offset + uint64_t{header.l1_size} * 8 > file_size) {
+      header.l1_table_offset + l1_stored_entries * 8 > file_size) {
     return Status::Corruption(path + ": L1 table at offset " + Hex(header.l1_table_offset) +
                               " with " + std::to_string(header.l1_size) +
                               " entries lies past the end of the file");
@@ -125,8 +188,20 @@ Result<std::unique_ptr<Image>> OpenImageOnFile(std::unique_ptr<io::File> file,
                               std::to_string(header.refcount_table_clusters) +
                               " clusters) lies past the end of the file");
   }
-  ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer l1,
-                      ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  io::AlignedBuffer l1;
+  if (!snapshot_l1_entries) {
+    ZQ_ASSIGN_OR_RETURN(l1, ReadTable(file.get(), header.l1_table_offset, l1_bytes));
+  } else {
+    // A snapshot's table may be shorter than the size needs: the rest is unallocated.
+    l1 = io::AlignedBuffer(l1_bytes);  // zero-filled
+    const uint64_t stored_bytes = l1_stored_entries * 8;
+    if (stored_bytes > 0) {
+      ZQ_ASSIGN_OR_RETURN(
+          io::AlignedBuffer stored,
+          ReadTable(file.get(), header.l1_table_offset, io::AlignUp(stored_bytes, cluster_size)));
+      std::memcpy(l1.data(), stored.data(), stored_bytes);
+    }
+  }
   ZQ_ASSIGN_OR_RETURN(io::AlignedBuffer header_cluster, ReadTable(file.get(), 0, cluster_size));
 
   Qcow2Image::Parts parts;
