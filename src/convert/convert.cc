@@ -238,17 +238,36 @@ convert::PipelineOptions BasePipelineOptions(const ConvertOptions& options, uint
   return pipeline;
 }
 
+// The source as both outputs read it: the snapshot asked for, then --salvage and -r
+// wrapped around it.
+Result<std::unique_ptr<convert::Source>> OpenInput(const std::string& source,
+                                                   const ConvertOptions& options,
+                                                   const std::string& bitmap,
+                                                   convert::SalvageCounters* salvaged) {
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
+                      convert::OpenSource(source, {.format = options.source_format,
+                                                   .direct_io = options.source_direct_io,
+                                                   .force_share = options.force_share,
+                                                   .bitmap = bitmap,
+                                                   .snapshot = options.source_snapshot,
+                                                   .snapshot_id = options.source_snapshot_id,
+                                                   .snapshot_name = options.source_snapshot_name}));
+  if (options.salvage) input = convert::SalvageReadErrors(std::move(input), salvaged);
+  if (options.read_rate_limit != 0) {
+    input = convert::LimitReadRate(std::move(input), options.read_rate_limit, options.cancel);
+  }
+  return input;
+}
+
 // -O raw: the pipeline without compressors, writing a RawTarget.
 Result<ConvertStats> ConvertRaw(const std::string& source, const std::string& target,
                                 const ConvertOptions& options,
                                 std::chrono::steady_clock::time_point start_time,
                                 double start_cpu) {
   ZQ_RETURN_IF_ERROR(CheckRawOptions(target, options));
+  convert::SalvageCounters salvaged;
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
-                      convert::OpenSource(source, {.format = options.source_format,
-                                                   .direct_io = options.source_direct_io,
-                                                   .force_share = options.force_share,
-                                                   .bitmap = ""}));
+                      OpenInput(source, options, /*bitmap=*/"", &salvaged));
   if (!convert::IsNbdUri(target)) ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
   const uint64_t virtual_size = io::AlignUp(input->size(), kSectorSize);
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::RawTarget> output,
@@ -274,6 +293,8 @@ Result<ConvertStats> ConvertRaw(const std::string& source, const std::string& ta
   FinishStats(totals, virtual_size, start_time, start_cpu, stats);
   stats.zero_bytes_skipped = totals.zero_bytes_skipped;
   stats.clusters_zero = totals.clusters_zero;
+  stats.read_errors = salvaged.errors;
+  stats.unreadable_bytes = salvaged.bytes;
   if (!convert::IsNbdUri(target)) stats.output_file_size = FileSize(target);
   return stats;
 }
@@ -310,20 +331,10 @@ Result<ConvertStats> Convert(const std::string& source, const std::string& targe
                                    ") needs the backing file it is relative to (-B)");
   }
   ZQ_ASSIGN_OR_RETURN(auto compressors, MakeCompressors(target, options, compressors_wanted));
-  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
-                      convert::OpenSource(source, {.format = options.source_format,
-                                                   .direct_io = options.source_direct_io,
-                                                   .force_share = options.force_share,
-                                                   .bitmap = options.bitmap,
-                                                   .snapshot = options.source_snapshot,
-                                                   .snapshot_id = options.source_snapshot_id,
-                                                   .snapshot_name = options.source_snapshot_name}));
-  ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
   convert::SalvageCounters salvaged;
-  if (options.salvage) input = convert::SalvageReadErrors(std::move(input), &salvaged);
-  if (options.read_rate_limit != 0) {
-    input = convert::LimitReadRate(std::move(input), options.read_rate_limit, options.cancel);
-  }
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<convert::Source> input,
+                      OpenInput(source, options, options.bitmap, &salvaged));
+  ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, target));
   ZQ_ASSIGN_OR_RETURN(convert::TargetPaths paths, convert::PlanTarget(target, options));
   ZQ_RETURN_IF_ERROR(CheckNotSameFile(*input, paths.partial));
 
