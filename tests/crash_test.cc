@@ -232,10 +232,8 @@ TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
 
   const auto total = std::chrono::duration_cast<std::chrono::microseconds>(duration);
   int replaced = 0;  // kills after the rename: DST is a new image
-  for (int i = 0; i < kKillPoints; ++i) {
+  auto kill_after = [&](std::chrono::microseconds delay) {
     const std::vector<uint8_t> old_target = ReadWholeFile(target);
-    // Kill points spread over the run, the last one near its end.
-    const auto delay = total * (2 * i + 1) / (2 * kKillPoints);
     const std::string where = "kill after " + std::to_string(delay.count() / 1000) + " ms of " +
                               std::to_string(total.count() / 1000) + " ms";
     RunResult run = RunAndKill(Args(target), delay);
@@ -263,8 +261,20 @@ TEST_P(CrashTest, KillAtAnyPointLeavesNoCorruption) {
     } else if (!run.killed) {
       ASSERT_EQ(run.exit_code, 0);
     }
+  };
+  // Kill points spread over the run, the last one near its end.
+  for (int i = 0; i < kKillPoints; ++i) {
+    kill_after(total * (2 * i + 1) / (2 * kKillPoints));
+    if (HasFatalFailure()) return;
   }
-  std::printf("  %d of %d kills came after the rename\n", replaced, kKillPoints);
+  // Runs vary in length (a loaded machine, a sanitizer): when no kill happened to land
+  // between a checkpoint and the end, aim more inside the run until one does, so that the
+  // check below stays about the images and not about timing.
+  for (int extra = 0; incomplete_with_data_ == 0 && extra < 2 * kKillPoints; ++extra) {
+    kill_after(total * (2 + extra % 6) / 10);
+    if (HasFatalFailure()) return;
+  }
+  std::printf("  %d kills came after the rename\n", replaced);
   // Not vacuous: some kill landed after a checkpoint, and its data was checked above.
   EXPECT_GT(incomplete_with_data_, 0) << "no killed run left verified data behind";
 }
